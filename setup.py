@@ -1,0 +1,33 @@
+"""switchjax: Switch Transformers (sparse Mixture-of-Experts) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="switchjax",
+    version="0.1.0",
+    description="Switch Transformers (sparse Mixture-of-Experts) in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["switchjax", "switchjax.*", "configs", "experiments"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10.4",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.7",
+        "importlib_resources",  # tfds 4.9.10 imports it without declaring it
+        "ml-collections>=1.0",
+        "grain>=0.2.10",
+        "array_record>=0.7",
+        "sentencepiece>=0.2",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        "tf": ["tensorflow-cpu>=2.16"],
+        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        "hf": ["torch>=2.4", "transformers>=4.45", "safetensors>=0.4"],
+    },
+)

@@ -1,0 +1,224 @@
+"""Model hyperparameters as frozen dataclasses, built from ml_collections.
+
+An experiment config is a `ml_collections.ConfigDict` with sub-dicts
+`model`, `moe`, `data`, `train` and `mesh` (see `configs/`). The model code
+only ever sees the frozen `ModelConfig` made by `ModelConfig.from_config`,
+which calls `validate()`: every impossible combination is rejected there,
+before anything is traced or compiled, with a message naming the field and
+the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ml_collections
+
+ROUTERS = ("top1", "topk", "expert_choice", "dropless")
+DISPATCHES = ("einsum", "gather", "ragged")
+ROUNDINGS = ("floor", "ceil", "round")
+FAMILIES = ("encoder_decoder", "decoder_only")
+ACTIVATIONS = ("relu", "gelu", "gated_gelu", "gated_silu")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+def _fail(field: str, value, problem: str, fix: str):
+    raise ConfigError(f"{field}={value!r}: {problem}. Fix: {fix}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Everything about the sparse FFN layers (one config shared by all of them).
+
+    Coefficients have no hidden defaults: the paper values live in configs/.
+    """
+
+    num_experts: int = 8  # E
+    router: str = "top1"  # one of ROUTERS
+    num_selected_experts: int = 1  # K, for 'topk' and 'dropless'
+    dispatch: str = "einsum"  # one of DISPATCHES; 'ragged' is required by 'dropless'
+    capacity_factor_train: float = 1.25
+    capacity_factor_eval: float = 2.0
+    min_capacity: int = 4
+    capacity_rounding: str = "floor"  # see routing.expert_capacity
+    fixed_capacity: int = 0  # >0 overrides the formula (Hugging Face `expert_capacity`)
+    group_size: int = 0  # S tokens per routing group; 0 = one group per sequence
+    batch_prioritized: bool = False  # BPR: slots by descending gate, not token order
+    normalize_gates: bool = True  # top-k (k>1): renormalise the k gates to sum to 1
+    second_expert_policy: str = "all"  # 'all' | 'random' (GShard, training only)
+    jitter_noise: float = 0.0  # multiplicative router-input noise, training only
+    router_dtype: str = "float32"  # selective precision; 'bfloat16' for the ablation
+    router_init_scale: float = 0.1
+    expert_init_scale: float = 0.1
+    expert_dropout: float = 0.0
+    aux_loss_coef: float = 0.01  # alpha
+    z_loss_coef: float = 0.0  # c_z (router z-loss)
+    dropped_token_output: str = "zeros"  # 'zeros' (paper) | 'hf' (transformers quirk)
+    expert_parallel: bool = True  # use shard_map + all_to_all when the mesh has experts
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A T5 v1.1-style encoder-decoder or a decoder-only LM with sparse FFNs."""
+
+    family: str = "encoder_decoder"
+    vocab_size: int = 32128
+    d_model: int = 512  # D
+    d_ff: int = 2048  # F (dense FFN and each expert)
+    num_heads: int = 8
+    head_dim: int = 64
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    # Which FFNs are sparse: 'every_other' (odd layers, as in the paper and
+    # Hugging Face), 'all', 'none', or explicit indices such as '1,3,5'.
+    encoder_moe_layers: str = "every_other"
+    decoder_moe_layers: str = "every_other"
+    activation: str = "gated_gelu"
+    dropout_rate: float = 0.0
+    init_scale: float = 1.0  # dense weights; the paper's 0.1 is a config choice
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # activations; params are always float32
+    logit_z_loss: float = 0.0  # z-loss on the output softmax (PaLM / T5X style)
+    moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "ModelConfig":
+        """Builds and validates from `config.model` and `config.moe`."""
+        model_fields = {f.name for f in dataclasses.fields(cls)} - {"moe"}
+        moe_fields = {f.name for f in dataclasses.fields(MoeConfig)}
+        for prefix, section, known in (("model", config.model, model_fields),
+                                       ("moe", config.moe, moe_fields)):
+            unknown = sorted(set(section.keys()) - known)
+            if unknown:
+                _fail(f"{prefix}.{unknown[0]}", section[unknown[0]], "is not a known field",
+                      f"use one of {sorted(known)}")
+        moe = MoeConfig(**config.moe.to_dict())
+        cfg = cls(**config.model.to_dict(), moe=moe)
+        cfg.validate()
+        return cfg
+
+    def moe_layer_indices(self, stack: str) -> tuple[int, ...]:
+        """Indices of the sparse FFN layers of 'encoder' or 'decoder'."""
+        spec = self.encoder_moe_layers if stack == "encoder" else self.decoder_moe_layers
+        n = self.num_encoder_layers if stack == "encoder" else self.num_decoder_layers
+        return parse_layer_spec(spec, n, f"model.{stack}_moe_layers")
+
+    @property
+    def num_moe_layers(self) -> int:
+        stacks = ["decoder"] + (["encoder"] if self.family == "encoder_decoder" else [])
+        return sum(len(self.moe_layer_indices(s)) for s in stacks)
+
+    def validate(self) -> None:
+        m = self.moe
+        if self.family not in FAMILIES:
+            _fail("model.family", self.family, "unknown model family", f"use one of {FAMILIES}")
+        if self.activation not in ACTIVATIONS:
+            _fail("model.activation", self.activation, "unknown activation",
+                  f"use one of {ACTIVATIONS}")
+        for name in ("dtype",):
+            if getattr(self, name) not in DTYPES:
+                _fail(f"model.{name}", getattr(self, name), "unknown dtype", f"use one of {DTYPES}")
+        for name in ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim",
+                     "relative_attention_num_buckets", "num_decoder_layers"):
+            if getattr(self, name) <= 0:
+                _fail(f"model.{name}", getattr(self, name), "must be positive",
+                      "set a positive integer")
+        if self.family == "encoder_decoder" and self.num_encoder_layers <= 0:
+            _fail("model.num_encoder_layers", self.num_encoder_layers,
+                  "an encoder-decoder needs encoder layers",
+                  "set it > 0 or use model.family='decoder_only'")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            _fail("model.dropout_rate", self.dropout_rate, "must be in [0, 1)", "e.g. 0.1")
+        for stack in ("encoder", "decoder"):
+            self.moe_layer_indices(stack)  # raises on a bad spec
+        if self.num_moe_layers == 0:
+            return
+        if m.router not in ROUTERS:
+            _fail("moe.router", m.router, "unknown router", f"use one of {ROUTERS}")
+        if m.dispatch not in DISPATCHES:
+            _fail("moe.dispatch", m.dispatch, "unknown dispatch", f"use one of {DISPATCHES}")
+        if m.num_experts < 1:
+            _fail("moe.num_experts", m.num_experts, "needs at least one expert", "set it >= 1")
+        k = m.num_selected_experts
+        if m.router == "top1" and k != 1:
+            _fail("moe.num_selected_experts", k, "router 'top1' selects exactly one expert",
+                  "set it to 1 or use moe.router='topk'")
+        if k < 1 or k > m.num_experts:
+            _fail("moe.num_selected_experts", k,
+                  f"must be between 1 and moe.num_experts={m.num_experts}",
+                  "lower K or add experts")
+        if (m.router == "dropless") != (m.dispatch == "ragged"):
+            _fail("moe.dispatch", m.dispatch,
+                  "dropless routing has no capacity and needs the ragged dispatch, and the "
+                  "ragged dispatch only runs dropless routing",
+                  "use moe.router='dropless' with moe.dispatch='ragged', or einsum/gather "
+                  "with the other routers")
+        for name in ("capacity_factor_train", "capacity_factor_eval"):
+            if getattr(m, name) <= 0:
+                _fail(f"moe.{name}", getattr(m, name), "must be > 0",
+                      "use e.g. 1.25 (train) / 2.0 (eval)")
+        if m.capacity_rounding not in ROUNDINGS:
+            _fail("moe.capacity_rounding", m.capacity_rounding, "unknown rounding",
+                  f"use one of {ROUNDINGS}")
+        if m.min_capacity < 0 or m.fixed_capacity < 0 or m.group_size < 0:
+            _fail("moe.min_capacity/fixed_capacity/group_size",
+                  (m.min_capacity, m.fixed_capacity, m.group_size), "must be >= 0",
+                  "use 0 for the defaults")
+        if m.second_expert_policy not in ("all", "random"):
+            _fail("moe.second_expert_policy", m.second_expert_policy, "unknown policy",
+                  "use 'all' or 'random'")
+        if m.router_dtype not in DTYPES:
+            _fail("moe.router_dtype", m.router_dtype, "unknown dtype", f"use one of {DTYPES}")
+        if not 0.0 <= m.jitter_noise < 1.0:
+            _fail("moe.jitter_noise", m.jitter_noise, "must be in [0, 1)", "the paper uses 0.01")
+        if not 0.0 <= m.expert_dropout < 1.0:
+            _fail("moe.expert_dropout", m.expert_dropout, "must be in [0, 1)", "e.g. 0.4")
+        if m.dropped_token_output not in ("zeros", "hf"):
+            _fail("moe.dropped_token_output", m.dropped_token_output, "unknown mode",
+                  "use 'zeros' or 'hf'")
+        if m.router == "expert_choice" and self.moe_layer_indices("decoder"):
+            _fail("moe.router", m.router,
+                  "expert-choice routing picks tokens by looking at the whole group, including "
+                  "future tokens, so it cannot run in a causal decoder",
+                  "use a token-choice router, or set model.decoder_moe_layers='none' "
+                  "(encoder-decoder only)")
+
+
+def parse_layer_spec(spec: str, num_layers: int, field: str) -> tuple[int, ...]:
+    """'every_other' -> odd layers; 'all'; 'none'; '1,3' -> explicit indices."""
+    if spec == "every_other":
+        return tuple(range(1, num_layers, 2))
+    if spec == "all":
+        return tuple(range(num_layers))
+    if spec in ("none", ""):
+        return ()
+    try:
+        idx = tuple(sorted({int(s) for s in spec.split(",")}))
+    except ValueError:
+        _fail(field, spec, "is not a layer spec",
+              "use 'every_other', 'all', 'none' or comma-separated indices like '1,3'")
+    if idx and (idx[0] < 0 or idx[-1] >= num_layers):
+        _fail(field, spec, f"indices must be in [0, {num_layers})", "fix the layer indices")
+    return idx
+
+
+def model_config_dict(**overrides) -> ml_collections.ConfigDict:
+    """ConfigDicts with every ModelConfig/MoeConfig field, for configs/*.py.
+
+    Returns (model, moe) ConfigDicts; unknown override names raise.
+    """
+    model = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != "moe"}
+    moe = {f.name: f.default for f in dataclasses.fields(MoeConfig)}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        target = {"model": model, "moe": moe}.get(section)
+        if target is None or name not in target:
+            raise ConfigError(f"unknown field {key!r}: use model.<field> or moe.<field>")
+        target[name] = value
+    return ml_collections.ConfigDict(model), ml_collections.ConfigDict(moe)
+

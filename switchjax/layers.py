@@ -1,0 +1,142 @@
+"""Dense building blocks of T5 v1.1: RMSNorm, relative position bias, attention, MLP.
+
+Letters: B batch, L/Q/K lengths, D model dim, H heads, A head dim, F hidden dim.
+Parameters are float32 and carry logical axis names ('embed', 'heads', 'kv',
+'mlp', 'vocab', ...) that `switchjax.sharding` maps to mesh axes.
+Weights use the truncated normal of the Switch paper, std = sqrt(s / fan_in).
+"""
+from __future__ import annotations
+
+import math
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from switchjax.config import ModelConfig
+from switchjax.moe import expert_hidden
+
+
+def truncated_normal(scale: float, names: tuple, **kw):
+    return nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal", **kw), names)
+
+
+def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+                   causal: bool) -> jax.Array:
+    """<bool>[B, 1, Q, K]: same non-padding segment (and key <= query if causal).
+
+    Segment ids are 1, 2, ... for packed examples and 0 for padding; tokens never
+    attend across a segment boundary.
+    """
+    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+    mask &= (q_segment_ids[:, :, None] > 0) & (kv_segment_ids[:, None, :] > 0)
+    if causal:
+        q_len, k_len = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+        mask &= jnp.arange(q_len)[:, None] >= jnp.arange(k_len)[None, :]
+    return mask[:, None]
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: scale only, no mean subtraction, computed in float32."""
+
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, axis=-1, keepdims=True) + self.epsilon)
+        return (y * scale).astype(x.dtype)
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int,
+                             max_distance: int):
+    """T5's log-spaced buckets of (key position - query position)."""
+    ret = 0
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret += (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    val_if_large = max_exact + (
+        jnp.log(n.astype(jnp.float32) / max_exact + jnp.finfo(jnp.float32).eps)
+        / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBias(nn.Module):
+    """One table per stack, shared by its layers: <[1, H, Q, K]> bias."""
+
+    config: ModelConfig
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, q_len: int, k_len: int):
+        cfg = self.config
+        table = self.param("rel_embedding", truncated_normal(1.0, ("heads", "relpos_buckets"),
+                                                             in_axis=-1, out_axis=-2),
+                           (cfg.num_heads, cfg.relative_attention_num_buckets), jnp.float32)
+        rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
+        buckets = relative_position_bucket(rel, self.bidirectional,
+                                           cfg.relative_attention_num_buckets,
+                                           cfg.relative_attention_max_distance)
+        return table[:, buckets][None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention without biases or 1/sqrt(A) scaling (folded into q's init)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BQD, kv_BKD, mask_B1QK, bias_1HQK=None, *, train: bool):
+        cfg = self.config
+        H, A, D = cfg.num_heads, cfg.head_dim, cfg.d_model
+        dtype = x_BQD.dtype
+        s = cfg.init_scale
+
+        def proj(name, scale, shape, names, **kw):
+            return self.param(name, truncated_normal(scale, names, **kw), shape,
+                              jnp.float32).astype(dtype)
+
+        qkv = dict(in_axis=0, out_axis=(1, 2))
+        q = jnp.einsum("bqd,dha->bqha", x_BQD,
+                       proj("query", s / A, (D, H, A), ("embed", "heads", "kv"), **qkv))
+        k = jnp.einsum("bkd,dha->bkha", kv_BKD,
+                       proj("key", s, (D, H, A), ("embed", "heads", "kv"), **qkv))
+        v = jnp.einsum("bkd,dha->bkha", kv_BKD,
+                       proj("value", s, (D, H, A), ("embed", "heads", "kv"), **qkv))
+        logits = jnp.einsum("bqha,bkha->bhqk", q, k).astype(jnp.float32)
+        if bias_1HQK is not None:
+            logits = logits + bias_1HQK
+        logits = jnp.where(mask_B1QK, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=not train)
+        out = jnp.einsum("bhqk,bkha->bqha", weights, v)
+        wo = proj("out", s, (H, A, D), ("heads", "kv", "embed"), in_axis=(0, 1), out_axis=2)
+        return jnp.einsum("bqha,had->bqd", out, wo)
+
+
+class Mlp(nn.Module):
+    """Dense FFN act(x·wi) [* x·wi_gate] -> dropout -> ·wo, the expert body without E."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD, *, train: bool):
+        cfg = self.config
+        D, F, s = cfg.d_model, cfg.d_ff, cfg.init_scale
+        params = {"wi": self.param("wi", truncated_normal(s, ("embed", "mlp")), (D, F), jnp.float32)}
+        if cfg.activation.startswith("gated_"):
+            params["wi_gate"] = self.param("wi_gate", truncated_normal(s, ("embed", "mlp")),
+                                           (D, F), jnp.float32)
+        params["wo"] = self.param("wo", truncated_normal(s, ("mlp", "embed")), (F, D), jnp.float32)
+        rng = self.make_rng("dropout") if train and cfg.dropout_rate > 0 else None
+        return expert_hidden(params, x_BLD, cfg.activation, cfg.dropout_rate,
+                             lambda a, w: a @ w, rng)

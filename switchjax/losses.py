@@ -1,0 +1,56 @@
+"""Token cross-entropy (+ output logit z-loss) and the MoE loss aggregation.
+
+total = task + moe.aux_loss_coef · Σ_layers aux + moe.z_loss_coef · Σ_layers z
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from switchjax.config import ModelConfig
+from switchjax.routing import RouterStats
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                  logit_z_loss: float = 0.0):
+    """Weighted mean token cross-entropy.
+
+    Args:
+      logits: <float32>[B, L, V]; targets: <int32>[B, L]; weights: <float32>[B, L]
+        (0 on padding).
+      logit_z_loss: coefficient of mean(logsumexp(logits)²), kept out of `task`.
+    Returns (task loss, logit z-loss term, accuracy, number of tokens).
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    n = jnp.maximum(weights.sum(), 1e-8)
+    task = jnp.sum((lse - target_logit) * weights) / n
+    z = logit_z_loss * jnp.sum(lse ** 2 * weights) / n
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / n
+    return task, z, accuracy, weights.sum()
+
+
+def total_loss(logits: jax.Array, stats: Optional[RouterStats], batch: dict,
+               cfg: ModelConfig):
+    """Returns (total loss, metrics dict) for one batch."""
+    weights = batch.get("decoder_loss_weights")
+    if weights is None:
+        weights = (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+    task, logit_z, accuracy, ntokens = cross_entropy(logits, batch["decoder_target_tokens"],
+                                                     weights, cfg.logit_z_loss)
+    metrics = {"task_loss": task, "logit_z_loss": logit_z, "accuracy": accuracy,
+               "num_tokens": ntokens}
+    loss = task + logit_z
+    if stats is not None:
+        aux, z = stats.aux_loss.sum(), stats.z_loss.sum()
+        loss = loss + cfg.moe.aux_loss_coef * aux + cfg.moe.z_loss_coef * z
+        metrics.update(aux_loss=aux, router_z_loss=z,
+                       dropped_fraction=stats.dropped_fraction.mean(),
+                       router_confidence=stats.confidence.mean(),
+                       router_entropy=stats.entropy.mean(),
+                       expert_load=stats.expert_load)  # [num_moe_layers, E]
+    metrics["total_loss"] = loss
+    return loss, metrics

@@ -1,0 +1,180 @@
+"""Switch Transformer models: T5 v1.1 encoder-decoder and a causal decoder-only LM.
+
+Batch keys (int32 unless noted; see switchjax.data): `encoder_input_tokens`,
+`encoder_segment_ids` [B, Li]; `decoder_input_tokens`, `decoder_segment_ids`
+[B, Lt]. Segment ids are 1, 2, ... per packed example and 0 for padding;
+if absent, encoder tokens > 0 and every decoder token count as one segment.
+Relative positions are taken from token indices: within a segment they equal
+the packed positions, and attention never crosses segments.
+
+`model.apply(...)` returns `(logits <float32>[B, Lt, V], stats)` where `stats`
+is a `RouterStats` whose leaves carry a leading [num_moe_layers] axis (encoder
+layers first), or None for a dense model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from switchjax.config import ModelConfig
+from switchjax.layers import (Attention, Mlp, RMSNorm, RelativePositionBias, attention_mask,
+                              truncated_normal)
+from switchjax.moe import MoeLayer
+from switchjax.routing import RouterStats
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+def stack_stats(stats: list[RouterStats]) -> Optional[RouterStats]:
+    """Stacks per-layer RouterStats along a new leading layer axis."""
+    if not stats:
+        return None
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: self-attention, [cross-attention], dense or sparse FFN."""
+
+    config: ModelConfig
+    sparse: bool
+    causal: bool
+    cross: bool
+
+    @nn.compact
+    def __call__(self, x, self_mask, self_bias, token_mask, *, train: bool,
+                 encoded=None, cross_mask=None):
+        cfg = self.config
+        drop = nn.Dropout(cfg.dropout_rate)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_self_attention_norm")(x)
+        x = x + drop(Attention(cfg, name="self_attention")(h, h, self_mask, self_bias, train=train),
+                     deterministic=not train)
+        if self.cross:
+            h = RMSNorm(cfg.layer_norm_epsilon, name="pre_cross_attention_norm")(x)
+            x = x + drop(Attention(cfg, name="cross_attention")(h, encoded, cross_mask,
+                                                                train=train),
+                         deterministic=not train)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_norm")(x)
+        stats = None
+        if self.sparse:
+            h, stats = MoeLayer(cfg, name="moe")(h, train=train, token_mask_BL=token_mask)
+        else:
+            h = Mlp(cfg, name="mlp")(h, train=train)
+        x = x + drop(h, deterministic=not train)
+        return nn.with_logical_constraint(x, ACTIVATION_AXES), stats
+
+
+class Stack(nn.Module):
+    """Embedded tokens -> L blocks -> final norm. Returns (hidden, [RouterStats, ...])."""
+
+    config: ModelConfig
+    name_prefix: str  # 'encoder' or 'decoder'
+    causal: bool
+    cross: bool
+
+    @nn.compact
+    def __call__(self, x, segment_ids, *, train: bool, encoded=None, encoder_segment_ids=None):
+        cfg = self.config
+        n = cfg.num_encoder_layers if self.name_prefix == "encoder" else cfg.num_decoder_layers
+        sparse = set(cfg.moe_layer_indices(self.name_prefix))
+        L = x.shape[1]
+        self_mask = attention_mask(segment_ids, segment_ids, self.causal)
+        bias = RelativePositionBias(cfg, bidirectional=not self.causal,
+                                    name="relpos_bias")(L, L)
+        cross_mask = (attention_mask(segment_ids, encoder_segment_ids, False)
+                      if self.cross else None)
+        token_mask = segment_ids > 0
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+        stats = []
+        for i in range(n):
+            x, s = Block(cfg, sparse=i in sparse, causal=self.causal, cross=self.cross,
+                         name=f"layer_{i}")(x, self_mask, bias, token_mask, train=train,
+                                            encoded=encoded, cross_mask=cross_mask)
+            if s is not None:
+                stats.append(s)
+        x = RMSNorm(cfg.layer_norm_epsilon, name="final_norm")(x)
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=not train), stats
+
+
+class _LanguageModel(nn.Module):
+    """Shared embedding and output projection."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self.param(
+            "token_embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                            ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model), jnp.float32)
+        if not cfg.tie_embeddings:
+            self.logits_kernel = self.param("logits_dense",
+                                            truncated_normal(cfg.init_scale, ("embed", "vocab")),
+                                            (cfg.d_model, cfg.vocab_size), jnp.float32)
+
+    def embed(self, tokens):
+        x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(self.config.dtype))
+        return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+    def logits(self, x):
+        cfg = self.config
+        if cfg.tie_embeddings:  # T5 / transformers rescale tied output embeddings
+            x = x * cfg.d_model ** -0.5
+            kernel = self.embedding.T
+        else:
+            kernel = self.logits_kernel
+        return jnp.einsum("bld,dv->blv", x, kernel.astype(x.dtype)).astype(jnp.float32)
+
+
+def _segments(batch, key, tokens, default_fn):
+    return batch[key] if key in batch else default_fn(tokens).astype(jnp.int32)
+
+
+class EncoderDecoder(_LanguageModel):
+    """T5 v1.1 / Switch encoder-decoder."""
+
+    def setup(self):
+        super().setup()
+        self.encoder = Stack(self.config, "encoder", causal=False, cross=False)
+        self.decoder = Stack(self.config, "decoder", causal=True, cross=True)
+
+    def encode(self, batch, *, train: bool = False):
+        """-> (<[B, Li, D]> encoder output, [RouterStats per sparse encoder layer])."""
+        tokens = batch["encoder_input_tokens"]
+        seg = _segments(batch, "encoder_segment_ids", tokens, lambda t: t > 0)
+        return self.encoder(self.embed(tokens), seg, train=train)
+
+    def decode(self, batch, encoded, *, train: bool = False):
+        """-> (<float32>[B, Lt, V] logits, [RouterStats per sparse decoder layer])."""
+        tokens = batch["decoder_input_tokens"]
+        seg = _segments(batch, "decoder_segment_ids", tokens, jnp.ones_like)
+        enc_seg = _segments(batch, "encoder_segment_ids", batch["encoder_input_tokens"],
+                            lambda t: t > 0)
+        x, stats = self.decoder(self.embed(tokens), seg, train=train, encoded=encoded,
+                                encoder_segment_ids=enc_seg)
+        return self.logits(x), stats
+
+    def __call__(self, batch, *, train: bool = False):
+        encoded, enc_stats = self.encode(batch, train=train)
+        logits, dec_stats = self.decode(batch, encoded, train=train)
+        return logits, stack_stats(enc_stats + dec_stats)
+
+
+class DecoderOnly(_LanguageModel):
+    """Causal decoder-only LM (GLaM / Mixtral style layout with T5 blocks)."""
+
+    def setup(self):
+        super().setup()
+        self.decoder = Stack(self.config, "decoder", causal=True, cross=False)
+
+    def __call__(self, batch, *, train: bool = False):
+        tokens = batch["decoder_input_tokens"]
+        seg = _segments(batch, "decoder_segment_ids", tokens, jnp.ones_like)
+        x, stats = self.decoder(self.embed(tokens), seg, train=train)
+        return self.logits(x), stack_stats(stats)
+
+
+def make_model(cfg: ModelConfig) -> nn.Module:
+    return {"encoder_decoder": EncoderDecoder, "decoder_only": DecoderOnly}[cfg.family](cfg)

@@ -1,0 +1,263 @@
+"""The sparse FFN: router + stacked experts + a dispatch, single-device or expert-parallel.
+
+Letters: B batch, L length, D model dim, F expert hidden dim, E experts,
+K experts per token, G groups, S tokens per group, C capacity.
+
+`MoeLayer` only creates parameters; the computation is the pure function
+`moe_forward`, which runs as is on one device (or under GSPMD), or inside
+`jax.shard_map` when the current mesh has an 'expert' axis > 1:
+
+  each device routes its own groups -> buffers [E, G_local, C, D]
+  -> all_to_all over 'expert' -> [E_local, G_local·n_expert, C, D]
+  -> local experts (hidden dim F split over 'model', psum after wo)
+  -> all_to_all back -> combine.
+
+Dropless (ragged) under expert parallelism all-gathers the tokens of the
+expert-axis peers, runs the local experts on the assignments that belong to
+them with `ragged_dot`, and reduce-scatters the sums back: exact, no capacity,
+at the price of moving every token to every expert shard of its data row.
+Capacity is per group, so the result never depends on the mesh.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from switchjax import dispatch as dispatch_lib
+from switchjax import routing as routing_lib
+from switchjax.config import ModelConfig
+
+BATCH_AXES = ("data", "expert")  # mesh axes the token groups are split over
+
+
+def activation_fn(name: str):
+    return {"relu": jax.nn.relu, "gelu": functools.partial(jax.nn.gelu, approximate=True),
+            "gated_gelu": functools.partial(jax.nn.gelu, approximate=True),
+            "gated_silu": jax.nn.silu}[name]
+
+
+def expert_hidden(params, x, activation: str, dropout_rate: float, matmul, dropout_rng):
+    """Shared FFN body: act(x·wi) [* x·wi_gate] -> dropout -> ·wo, with `matmul(x, w)`.
+
+    Used by the dense MLP (matmul = @), the stacked experts (batched einsum) and
+    dropless experts (ragged_dot), so all three compute the same function.
+    """
+    dtype = x.dtype
+    h = activation_fn(activation)(matmul(x, params["wi"].astype(dtype)))
+    if activation.startswith("gated_"):
+        h = h * matmul(x, params["wi_gate"].astype(dtype))
+    rate = dropout_rate
+    if dropout_rng is not None and rate > 0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, h.shape)
+        h = jnp.where(keep, h / (1.0 - rate), 0).astype(dtype)
+    return matmul(h, params["wo"].astype(dtype))
+
+
+def router_probs(w_DE: jax.Array, x_GSD: jax.Array, cfg: ModelConfig,
+                 jitter_rng: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Router logits and probabilities <float32>[G, S, E].
+
+    Computed in `moe.router_dtype` (float32 = selective precision) whatever the
+    activation dtype. Jitter multiplies the router's copy of the input only.
+    """
+    dtype = jnp.dtype(cfg.moe.router_dtype)
+    xr = x_GSD.astype(dtype)
+    if jitter_rng is not None and cfg.moe.jitter_noise > 0:
+        eps = cfg.moe.jitter_noise
+        xr = xr * jax.random.uniform(jitter_rng, xr.shape, dtype, 1.0 - eps, 1.0 + eps)
+    logits = jnp.einsum("gsd,de->gse", xr, w_DE.astype(dtype))
+    probs = jax.nn.softmax(logits, axis=-1)
+    return logits.astype(jnp.float32), probs.astype(jnp.float32)
+
+
+def route(probs: jax.Array, cfg: ModelConfig, train: bool, token_mask, rng) -> routing_lib.Routing:
+    """Applies `moe.router` to <float32>[G, S, E] probabilities."""
+    m = cfg.moe
+    S, E = probs.shape[1:]
+    k = m.num_selected_experts
+    if m.router == "dropless":
+        capacity = None
+    elif m.fixed_capacity:
+        capacity = min(m.fixed_capacity, S)
+    else:
+        cf = m.capacity_factor_train if train else m.capacity_factor_eval
+        capacity = routing_lib.expert_capacity(S, E, cf, 1 if m.router == "expert_choice" else k,
+                                               m.min_capacity, m.capacity_rounding)
+    if m.router == "expert_choice":
+        return routing_lib.route_expert_choice(probs, capacity, token_mask=token_mask)
+    random_rng = rng if (train and m.second_expert_policy == "random") else None
+    return routing_lib.route_top_k(probs, k, capacity, token_mask=token_mask,
+                                   batch_prioritized=m.batch_prioritized,
+                                   normalize_gates=m.normalize_gates,
+                                   random_second_rng=random_rng)
+
+
+def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Array],
+                cfg: ModelConfig, *, train: bool, rng: Optional[jax.Array],
+                expert_axis: Optional[str] = None, model_axis: Optional[str] = None,
+                stats_axes: tuple[str, ...] = ()):
+    """Routes, dispatches, runs the experts and combines.
+
+    Args:
+      params: router <[D, E]>, wi (and wi_gate) <[E, D, F]>, wo <[E, F, D]>; inside
+        shard_map the expert weights are the local shard [E/n, D, F/m].
+      x_GSD: <[G, S, D]> tokens in the activation dtype.
+      token_mask_GS: <bool>[G, S] or None; False tokens take no slot and output 0.
+      train: selects capacity_factor_train and enables jitter/dropout/random routing.
+      rng: key for jitter, random second-expert routing and expert dropout.
+      expert_axis, model_axis, stats_axes: mesh axis names, set only inside shard_map.
+    Returns (<[G, S, D]>, RouterStats). Tokens that reach no expert are exact zeros.
+    """
+    m = cfg.moe
+    G, S, D = x_GSD.shape
+    E = params["router"].shape[-1]
+    jitter_rng, route_rng, dropout_rng = (jax.random.split(rng, 3) if (train and rng is not None)
+                                          else (None, None, None))
+    with jax.named_scope("router"):
+        logits, probs = router_probs(params["router"], x_GSD, cfg, jitter_rng)
+        routing = route(probs, cfg, train, token_mask_GS, route_rng)
+        stats = routing_lib.router_stats(logits, probs, routing, token_mask_GS, stats_axes)
+
+    def finish(y):  # partial sums over the hidden-dim shards
+        return jax.lax.psum(y, model_axis) if model_axis else y
+
+    if m.router == "dropless":
+        def experts_fn(x_MD, group_sizes):
+            return finish(expert_hidden(params, x_MD, cfg.activation, m.expert_dropout,
+                                        lambda a, w: jax.lax.ragged_dot(a, w, group_sizes),
+                                        dropout_rng))
+        with jax.named_scope("dropless_experts"):
+            if expert_axis is None:
+                y = dispatch_lib.ragged_apply(x_GSD, routing, E, experts_fn)
+            else:
+                y = _ragged_expert_parallel(x_GSD, routing, E, experts_fn, expert_axis)
+    else:
+        dispatch_fn, combine_fn = dispatch_lib.DISPATCH[m.dispatch]
+        with jax.named_scope("dispatch"):
+            x_EGCD = dispatch_fn(x_GSD, routing)
+            if expert_axis:
+                x_EGCD = jax.lax.all_to_all(x_EGCD, expert_axis, 0, 1, tiled=True)
+        with jax.named_scope("experts"):
+            e, g, c, _ = x_EGCD.shape
+            y_EXD = finish(expert_hidden(params, x_EGCD.reshape(e, g * c, D), cfg.activation,
+                                         m.expert_dropout, lambda a, w: jnp.einsum("exd,edf->exf", a, w),
+                                         dropout_rng))
+            y_EGCD = y_EXD.reshape(e, g, c, D)
+        with jax.named_scope("combine"):
+            if expert_axis:
+                y_EGCD = jax.lax.all_to_all(y_EGCD, expert_axis, 1, 0, tiled=True)
+            y = combine_fn(y_EGCD, routing, S)
+    if m.dropped_token_output == "hf":  # transformers: dropped tokens leave as p_max·x
+        reached = jnp.any(routing.kept, axis=-1, keepdims=True)
+        y = y + jnp.where(reached, 0.0, probs.max(-1, keepdims=True)).astype(y.dtype) * x_GSD
+    return y.astype(x_GSD.dtype), stats
+
+
+def _ragged_expert_parallel(x_GSD, routing, num_experts, experts_fn, expert_axis):
+    """Dropless with experts split over `expert_axis`: all-gather, local ragged, reduce-scatter."""
+    n = jax.lax.axis_size(expert_axis)
+    e_local = num_experts // n
+    first = jax.lax.axis_index(expert_axis) * e_local
+    x_all = jax.lax.all_gather(x_GSD, expert_axis, axis=0, tiled=True)  # [n·G, S, D]
+    gathered = jax.tree.map(lambda a: jax.lax.all_gather(a, expert_axis, axis=0, tiled=True),
+                            routing)
+    local = (gathered.expert_index >= first) & (gathered.expert_index < first + e_local)
+    mine = routing_lib.Routing(gathered.expert_index - first, gathered.gate,
+                               gathered.kept & local)
+    y_all = dispatch_lib.ragged_apply(x_all, mine, e_local, experts_fn)
+    return jax.lax.psum_scatter(y_all, expert_axis, scatter_dimension=0, tiled=True)
+
+
+def _expert_parallel_mesh(cfg: ModelConfig):
+    """The context mesh if it has an 'expert' axis > 1 and expert parallelism is on."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if (not cfg.moe.expert_parallel or mesh.empty or "expert" not in mesh.axis_names
+            or mesh.shape["expert"] == 1):
+        return None
+    return mesh
+
+
+class MoeLayer(nn.Module):
+    """Sparse FFN <[B, L, D]> -> (<[B, L, D]>, RouterStats)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array, *, train: bool,
+                 token_mask_BL: Optional[jax.Array] = None):
+        cfg, m = self.config, self.config.moe
+        B, L, D = x_BLD.shape
+        E, F = m.num_experts, cfg.d_ff
+
+        def init(scale, names, **kw):
+            return nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal", **kw), names)
+
+        stacked = dict(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        params = {"router": self.param("router", init(m.router_init_scale, ("embed", "unmodeled")),
+                                       (D, E), jnp.float32)}
+        params["wi"] = self.param("wi", init(m.expert_init_scale, ("expert", "embed", "mlp"),
+                                             **stacked), (E, D, F), jnp.float32)
+        if cfg.activation.startswith("gated_"):
+            params["wi_gate"] = self.param(
+                "wi_gate", init(m.expert_init_scale, ("expert", "embed", "mlp"), **stacked),
+                (E, D, F), jnp.float32)
+        params["wo"] = self.param("wo", init(m.expert_init_scale, ("expert", "mlp", "embed"),
+                                             **stacked), (E, F, D), jnp.float32)
+
+        S = m.group_size or L
+        if (B * L) % S:
+            raise ValueError(f"moe.group_size={m.group_size} does not divide the {B}x{L}={B * L} "
+                             "tokens of this batch: pick a divisor of batch_size*length "
+                             "(0 = one group per sequence)")
+        G = B * L // S
+        x_GSD = x_BLD.reshape(G, S, D)
+        mask_GS = None if token_mask_BL is None else token_mask_BL.reshape(G, S)
+        needs_rng = train and (m.jitter_noise > 0 or m.expert_dropout > 0
+                               or m.second_expert_policy == "random")
+        rng = self.make_rng("dropout") if needs_rng else None
+
+        mesh = _expert_parallel_mesh(cfg)
+        if mesh is None:
+            y, stats = moe_forward(params, x_GSD, mask_GS, cfg, train=train, rng=rng)
+        else:
+            y, stats = _sharded_forward(params, x_GSD, mask_GS, cfg, train, rng, mesh)
+        return y.reshape(B, L, D), stats
+
+
+def _sharded_forward(params, x_GSD, mask_GS, cfg, train, rng, mesh):
+    """`moe_forward` under shard_map: groups over ('data','expert'), experts over 'expert'."""
+    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    shards = 1
+    for a in batch_axes:
+        shards *= mesh.shape[a]
+    n_expert = mesh.shape["expert"]
+    if x_GSD.shape[0] % shards:
+        raise ValueError(f"{x_GSD.shape[0]} token groups cannot be split over the {shards} "
+                         f"data x expert devices: make batch_size*length/moe.group_size a "
+                         "multiple of mesh data*expert (or change moe.group_size)")
+    if cfg.moe.num_experts % n_expert:
+        raise ValueError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by the mesh "
+                         f"'expert' axis ({n_expert}): change mesh.expert or moe.num_experts")
+    model_axis = "model" if "model" in mesh.axis_names and mesh.shape["model"] > 1 else None
+    w_spec = {"router": P(), "wi": P("expert", None, model_axis),
+              "wi_gate": P("expert", None, model_axis), "wo": P("expert", model_axis, None)}
+    param_specs = {k: w_spec[k] for k in params}
+    g_spec = P(batch_axes)
+    has_rng = rng is not None
+
+    def local(params, x, mask, rng):
+        if has_rng:  # independent noise per token shard
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
+        return moe_forward(params, x, mask, cfg, train=train, rng=rng, expert_axis="expert",
+                           model_axis=model_axis, stats_axes=batch_axes)
+
+    fn = jax.shard_map(local, mesh=mesh,
+                       in_specs=(param_specs, g_spec, g_spec if mask_GS is not None else P(), P()),
+                       out_specs=(g_spec, P()))
+    return fn(params, x_GSD, mask_GS, rng)
