@@ -1,0 +1,90 @@
+"""Pure train and eval steps, and their jitted, sharded, state-donating versions."""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from switchjax import sharding as sharding_lib
+from switchjax.config import ModelConfig
+from switchjax.losses import total_loss
+from switchjax.train.state import TrainState
+
+
+def _loss_fn(params, batch, rng, *, model: nn.Module, cfg: ModelConfig, train: bool):
+    rngs = {"dropout": rng} if train else {}
+    logits, stats = model.apply({"params": params}, batch, train=train, rngs=rngs)
+    return total_loss(logits, stats, batch, cfg)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
+               cfg: ModelConfig, tx: optax.GradientTransformation,
+               accum_steps: int = 1) -> tuple[TrainState, dict]:
+    """One optimizer step on `batch` ([B, ...] arrays), split into `accum_steps` microbatches.
+
+    Microbatch i takes rows i, i + A, i + 2A, ... so every device contributes to
+    every microbatch. Metrics are averaged over microbatches; `grad_norm` is the
+    global norm of the accumulated gradient.
+    """
+    rng = jax.random.fold_in(rng, state.step)
+    grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model=model, cfg=cfg, train=True),
+                                 has_aux=True)
+    if accum_steps == 1:
+        (_, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+        micro = jax.tree.map(
+            lambda x: jnp.moveaxis(x.reshape(x.shape[0] // accum_steps, accum_steps,
+                                             *x.shape[1:]), 1, 0), batch)
+
+        def body(carry, inputs):
+            i, mb = inputs
+            (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (g, m)), None
+
+        (_, m_shape), g_shape = jax.eval_shape(grad_fn, state.params,
+                                               jax.tree.map(lambda x: x[0], micro), rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_shape, m_shape))
+        (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+        grads = jax.tree.map(lambda g: g / accum_steps, grads)
+        metrics = jax.tree.map(lambda m: m / accum_steps, metrics)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict, *, model: nn.Module, cfg: ModelConfig) -> dict:
+    """Metrics of `batch` with eval capacity factor, no dropout or jitter."""
+    return _loss_fn(params, batch, None, model=model, cfg=cfg, train=False)[1]
+
+
+def jit_train_step(model: nn.Module, cfg: ModelConfig, tx: optax.GradientTransformation,
+                   shardings: TrainState, mesh: Mesh, rules, accum_steps: int = 1):
+    """`train_step` jitted with explicit in/out shardings and the state donated.
+
+    Call it under `jax.set_mesh(mesh)`.
+    """
+    step = functools.partial(train_step, model=model, cfg=cfg, tx=tx, accum_steps=accum_steps)
+
+    def fn(state, batch, rng):
+        with nn.logical_axis_rules(rules):
+            return step(state, batch, rng)
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(fn, in_shardings=(shardings, sharding_lib.batch_sharding(mesh), replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+
+
+def jit_eval_step(model: nn.Module, cfg: ModelConfig, param_shardings, mesh: Mesh, rules):
+    """`eval_step` jitted with explicit shardings; call it under `jax.set_mesh(mesh)`."""
+
+    def fn(params, batch):
+        with nn.logical_axis_rules(rules):
+            return eval_step(params, batch, model=model, cfg=cfg)
+
+    return jax.jit(fn, in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, P()))
