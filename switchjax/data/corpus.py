@@ -1,0 +1,191 @@
+"""The embedded corpus: local text files as a TFDS dataset (array_record).
+
+Default input: the running interpreter's standard library (`*.py`, `*.txt`,
+`*.rst` under `sysconfig.get_paths()['stdlib']`, without site-packages, test
+directories and caches): ~740 files, ~12 MB of real text, on every machine
+that runs Python. `data.files` (a tuple of globs) replaces it by any other files.
+
+Each example is one chunk of one file, cut at line boundaries into at most
+`MAX_CHUNK_CHARS` characters (the chunks of a file concatenate back to it):
+
+    {'text': str, 'path': str (relative to the common root), 'chunk': int32}
+
+A file goes to 'validation' when the hash of its relative path falls below
+`VALIDATION_FRACTION` (at least one file does), otherwise to 'train', so all
+chunks of a file share a split and the assignment never depends on the other
+files. The builder config name is a hash of the file list (paths, sizes,
+mtimes): another glob or an edited file gets its own directory
+`data_dir/embedded_text/<kind>_<hash>/1.0.0`, an unchanged list reuses it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import logging
+import os
+import sysconfig
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+VALIDATION_FRACTION = 0.05
+MAX_CHUNK_CHARS = 32768
+STDLIB_SUFFIXES = (".py", ".txt", ".rst")
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test",
+                     "__pycache__", "lib-dynload"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFiles:
+    """Non-empty files under a common root; `kind` is 'stdlib' or 'files'."""
+
+    root: str
+    relpaths: tuple[str, ...]
+    kind: str
+
+    @property
+    def config_name(self) -> str:
+        """`<kind>_<hash of root, relative paths, sizes and mtimes>`."""
+        h = hashlib.sha256(self.root.encode())
+        for rel in self.relpaths:
+            st = os.stat(os.path.join(self.root, rel))
+            h.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        return f"{self.kind}_{h.hexdigest()[:16]}"
+
+    def read(self, relpath: str) -> str:
+        """A file's text: UTF-8, undecodable bytes replaced, newlines kept as is."""
+        with open(os.path.join(self.root, relpath), "rb") as f:
+            return f.read().decode("utf-8", errors="replace")
+
+
+def stdlib_files() -> SourceFiles:
+    """The default corpus: this interpreter's standard library sources and docs."""
+    root = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in _STDLIB_SKIP_DIRS and not d.startswith("config-"))
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if name.endswith(STDLIB_SUFFIXES) and os.path.getsize(path) > 0:
+                rels.append(os.path.relpath(path, root))
+    return SourceFiles(root, tuple(sorted(rels)), "stdlib")
+
+
+def glob_files(globs: Sequence[str]) -> SourceFiles:
+    """Non-empty files matched by `globs` (`**` recurses, `~` expands).
+
+    Raises:
+      ValueError naming `data.files` if a glob matches no file or fewer than
+      two files match in all (one is needed for each split).
+    """
+    paths = set()
+    for pattern in globs:
+        found = {os.path.realpath(p) for p in glob.glob(os.path.expanduser(pattern),
+                                                          recursive=True)
+                 if os.path.isfile(p) and os.path.getsize(p) > 0}
+        if not found:
+            raise ValueError(
+                f"data.files: the glob {pattern!r} matches no non-empty file. Fix: correct "
+                f"or remove it (data.files=() uses the Python standard library).")
+        paths |= found
+    if len(paths) < 2:
+        raise ValueError(
+            f"data.files={tuple(globs)!r} matches only {len(paths)} file; the embedded corpus "
+            f"needs at least 2 (train and validation). Fix: add files to data.files.")
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return SourceFiles(root, tuple(sorted(os.path.relpath(p, root) for p in paths)), "files")
+
+
+def source_files(globs: Sequence[str]) -> SourceFiles:
+    """`glob_files(globs)`, or the standard library when `globs` is empty."""
+    return glob_files(globs) if globs else stdlib_files()
+
+
+def chunk_text(text: str, max_chars: int = MAX_CHUNK_CHARS) -> list[str]:
+    """Cuts text at line ends into chunks of <= max_chars (a longer line stays whole)."""
+    chunks, current, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        if current and size + len(line) > max_chars:
+            chunks.append("".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        chunks.append("".join(current))
+    return chunks
+
+
+def _hash_fraction(relpath: str) -> float:
+    return int(hashlib.sha256(relpath.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def split_files(relpaths: tuple[str, ...]) -> dict[str, list[str]]:
+    """{'train': [...], 'validation': [...]} by hash of the relative path."""
+    validation = [r for r in relpaths if _hash_fraction(r) < VALIDATION_FRACTION]
+    if not validation:
+        validation = [min(relpaths, key=_hash_fraction)]
+    chosen = set(validation)
+    return {"train": [r for r in relpaths if r not in chosen], "validation": validation}
+
+
+@dataclasses.dataclass(eq=False)
+class EmbeddedTextConfig(tfds.core.BuilderConfig):
+    """Builder config; `name` is `source.config_name`."""
+
+    source: SourceFiles | None = dataclasses.field(default=None, repr=False)
+
+
+class EmbeddedText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Local text files (see module docstring) as a TFDS dataset."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Local text files, one example per chunk of a file.",
+            features=tfds.features.FeaturesDict({
+                "text": tfds.features.Text(),
+                "path": tfds.features.Text(),
+                "chunk": tfds.features.Scalar(dtype=np.int32),
+            }))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing to download.
+        splits = split_files(self.builder_config.source.relpaths)
+        return {name: self._generate_examples(rels) for name, rels in splits.items()}
+
+    def _generate_examples(self, relpaths):
+        source = self.builder_config.source
+        for rel in relpaths:
+            for i, chunk in enumerate(chunk_text(source.read(rel))):
+                yield f"{rel}#{i}", {"text": chunk, "path": rel, "chunk": i}
+
+
+def embedded_builder(data_dir: str, globs: Sequence[str]) -> EmbeddedText:
+    """The (maybe not yet prepared) builder for `globs` (empty: stdlib) in data_dir."""
+    source = source_files(globs)
+    config = EmbeddedTextConfig(name=source.config_name, source=source,
+                                description=f"{len(source.relpaths)} files under {source.root}")
+    return EmbeddedText(config=config, data_dir=os.path.expanduser(data_dir))
+
+
+def prepare_embedded_corpus(data_dir: str, globs: Sequence[str]) -> EmbeddedText:
+    """Builds the corpus into data_dir once (array_record); later calls reuse it.
+
+    Returns:
+      The prepared builder: `builder.as_data_source(split)` reads a split,
+      `builder.info.splits[split].num_examples` counts its chunks.
+    """
+    builder = embedded_builder(data_dir, globs)
+    if not builder.is_prepared():
+        start = time.perf_counter()
+        builder.download_and_prepare(file_format="array_record")
+        logging.info("Built embedded corpus %s (%d files) in %.1f s: %s",
+                     builder.builder_config.name, len(builder.builder_config.source.relpaths),
+                     time.perf_counter() - start, builder.data_dir)
+    return builder
