@@ -1,0 +1,1 @@
+"""Checkpoint import from other codebases (Hugging Face transformers: `hf_switch`)."""
