@@ -165,10 +165,11 @@ class ModelConfig:
         if m.capacity_rounding not in ROUNDINGS:
             _fail("moe.capacity_rounding", m.capacity_rounding, "unknown rounding",
                   f"use one of {ROUNDINGS}")
-        if m.min_capacity < 0 or m.fixed_capacity < 0 or m.group_size < 0:
-            _fail("moe.min_capacity/fixed_capacity/group_size",
-                  (m.min_capacity, m.fixed_capacity, m.group_size), "must be >= 0",
-                  "use 0 for the defaults")
+        for name, zero in (("min_capacity", "no minimum"), ("fixed_capacity", "use the formula"),
+                           ("group_size", "one group per sequence")):
+            if getattr(m, name) < 0:
+                _fail(f"moe.{name}", getattr(m, name), "must be >= 0",
+                      f"set it >= 0 (0 = {zero})")
         if m.second_expert_policy not in ("all", "random"):
             _fail("moe.second_expert_policy", m.second_expert_policy, "unknown policy",
                   "use 'all' or 'random'")

@@ -5,8 +5,9 @@ K choices per token, M = G·S·K token-expert assignments.
 
 * einsum (GShard / Switch original): one-hot masks <[G, E, C, S]>, two
   einsums. Cost O(G·S·E·C·D): simple and fast on TPUs for small E·C.
-* gather: indexes the tokens of each slot and scatter-adds the results back;
-  no [S, E, C] tensor. Same numbers as einsum, always.
+* gather: each slot gathers its token, each token gathers its K slots back
+  (gradients are gathers too, through the inverse maps); no [S, E, C] tensor.
+  Same numbers as einsum, always.
 * ragged (dropless): sorts the M assignments by expert and runs the experts
   with `jax.lax.ragged_dot` on contiguous groups; no capacity, no padding.
 
@@ -14,10 +15,12 @@ Capacity paths return an expert buffer <[E, G, C, D]>; empty slots hold zeros.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from switchjax.routing import Routing
 
@@ -35,21 +38,77 @@ def einsum_combine(y_EGCD: jax.Array, routing: Routing, num_tokens: int) -> jax.
     return jnp.einsum("gecs,egcd->gsd", combine_GECS, y_EGCD)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=())
+def take_rows(x_ND: jax.Array, idx_M: jax.Array, inv_NR: jax.Array) -> jax.Array:
+    """y[m] = x[idx[m]] (zero where idx[m] == N), with a gather, not a scatter, as gradient.
+
+    inv_NR: <int32>[N, R] every m with idx[m] == n (padded with M): the gradient is
+    dx[n] = Σ_r dy[inv[n, r]]. On CPU the scatter-add that autodiff would emit for
+    the transpose of a gather is a serial loop; the inverse map makes it a gather.
+    """
+    return _take_rows(x_ND, idx_M)
+
+
+def _take_rows(x_ND, idx_M):
+    x_pad = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])
+    return jnp.take(x_pad, idx_M, axis=0, mode="clip", unique_indices=False)
+
+
+def _take_rows_fwd(x_ND, idx_M, inv_NR):
+    return _take_rows(x_ND, idx_M), (idx_M, inv_NR)
+
+
+def _take_rows_bwd(res, dy_MD):
+    idx_M, inv_NR = res
+    N, R = inv_NR.shape
+    dx = _take_rows(dy_MD, inv_NR.reshape(-1)).reshape(N, R, -1).sum(axis=1)
+    zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
+    return dx, zero(idx_M), zero(inv_NR)
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _slot_maps(routing: Routing, num_tokens: int):
+    """Flat row maps between tokens <[G·S]> (choices <[G·S·K]>) and slots <[E·G·C]> (E-major).
+
+    Returns (slot -> token row, sentinel G·S) <[E·G·C]>, (slot -> token-choice row,
+    sentinel G·S·K) <[E·G·C]>, and (token-choice -> slot row, sentinel E·G·C) <[G·S·K]>.
+    """
+    G, E, C = routing.slot_token.shape
+    S, K = num_tokens, routing.expert_index.shape[-1]
+    slot_token = routing.slot_token.transpose(1, 0, 2)  # [E, G, C]
+    filled = slot_token < S
+    g = jnp.arange(G, dtype=jnp.int32)[None, :, None]
+    e = jnp.arange(E, dtype=jnp.int32)[:, None, None]
+    s = jnp.minimum(slot_token, S - 1)
+    # Which of token s's K choices put it in expert e (expert choice: K = E, k = e).
+    k = jnp.argmax(routing.expert_index[g, s] == e[..., None], axis=-1).astype(jnp.int32)
+    token_row = jnp.where(filled, g * S + s, G * S).reshape(-1)
+    choice_row = jnp.where(filled, (g * S + s) * K + k, G * S * K).reshape(-1)
+    slot_of_choice = jnp.full((G * S * K,), E * G * C, jnp.int32).at[choice_row].set(
+        jnp.arange(E * G * C, dtype=jnp.int32), mode="drop")
+    return token_row, choice_row, slot_of_choice
+
+
 def gather_dispatch(x_GSD: jax.Array, routing: Routing) -> jax.Array:
-    """<[G, S, D]> -> <[E, G, C, D]> by indexing; the empty-slot index S reads a zero row."""
-    x_pad = jnp.pad(x_GSD, ((0, 0), (0, 1), (0, 0)))
-    x_GECD = jnp.take_along_axis(x_pad[:, None], routing.slot_token[..., None], axis=2)
-    return x_GECD.transpose(1, 0, 2, 3)
+    """<[G, S, D]> -> <[E, G, C, D]> by indexing rows; empty slots read a zero row."""
+    G, S, D = x_GSD.shape
+    E, C = routing.slot_token.shape[1:]
+    K = routing.expert_index.shape[-1]
+    token_row, _, slot_of_choice = _slot_maps(routing, S)
+    x_EGCD = take_rows(x_GSD.reshape(G * S, D), token_row, slot_of_choice.reshape(G * S, K))
+    return x_EGCD.reshape(E, G, C, D)
 
 
 def gather_combine(y_EGCD: jax.Array, routing: Routing, num_tokens: int) -> jax.Array:
-    """<[E, G, C, D]> -> <[G, S, D]> by scatter-adding gate-scaled slots to their tokens."""
-    G, E, C = routing.slot_token.shape
-    y_GECD = y_EGCD.transpose(1, 0, 2, 3) * routing.slot_gate[..., None].astype(y_EGCD.dtype)
-    out = jnp.zeros((G, num_tokens + 1, y_EGCD.shape[-1]), y_EGCD.dtype)
-    g = jnp.arange(G)[:, None, None]
-    out = out.at[g, routing.slot_token].add(y_GECD)  # index S collects empty slots
-    return out[:, :num_tokens]
+    """<[E, G, C, D]> -> <[G, S, D]>: each token gathers its K slots, weighted by the gates."""
+    E, G, C, D = y_EGCD.shape
+    S, K = num_tokens, routing.expert_index.shape[-1]
+    _, choice_row, slot_of_choice = _slot_maps(routing, S)
+    y_GSKD = take_rows(y_EGCD.reshape(E * G * C, D), slot_of_choice, choice_row[:, None])
+    gate = jnp.where(routing.kept, routing.gate, 0.0).astype(y_EGCD.dtype)
+    return jnp.einsum("gskd,gsk->gsd", y_GSKD.reshape(G, S, K, D), gate)
 
 
 DISPATCH = {"einsum": (einsum_dispatch, einsum_combine),
@@ -72,10 +131,133 @@ def ragged_apply(x_GSD: jax.Array, routing: Routing, num_experts: int,
     G, S, D = x_GSD.shape
     K = routing.expert_index.shape[-1]
     key_M = jnp.where(routing.kept, routing.expert_index, num_experts).reshape(-1)
-    order = jnp.argsort(key_M, stable=True)
+    order = jnp.argsort(key_M, stable=True).astype(jnp.int32)  # sorted position -> assignment
+    rank = jnp.argsort(order).astype(jnp.int32)  # assignment -> sorted position
     group_sizes = jnp.zeros((num_experts,), jnp.int32).at[key_M].add(1, mode="drop")
-    x_sorted = x_GSD.reshape(G * S, D)[order // K]
+    x_sorted = take_rows(x_GSD.reshape(G * S, D), order // K, rank.reshape(G * S, K))
     y_sorted = experts_fn(x_sorted, group_sizes)
     y_sorted = jnp.where((key_M[order] < num_experts)[:, None], y_sorted, 0)
-    y_GSKD = y_sorted[jnp.argsort(order)].reshape(G, S, K, D)
+    y_GSKD = take_rows(y_sorted, rank, order[:, None]).reshape(G, S, K, D)
     return jnp.einsum("gskd,gsk->gsd", y_GSKD, routing.gate.astype(y_GSKD.dtype))
+
+
+# --- grouped matmul (ragged_dot) for the dropless experts ------------------------------
+#
+# `jax.lax.ragged_dot` lowers to a native kernel on TPU/GPU, but XLA:CPU expands it to a
+# dense [E, M, K] masked product: E times the FLOPs. On CPU `ragged_dot` below instead
+# walks the sorted rows in tiles of `tile` rows (each tile inside one group, the group's
+# last tile masked) in a while loop, so the cost is ~M + E·tile/2 rows, not E·M.
+
+def _tile_plan(group_sizes: jax.Array, num_rows: int, tile: int):
+    """Tiles covering each group's rows in order: (count, expert, first row, valid rows).
+
+    The three arrays have the static length num_rows // tile + E (an upper bound on
+    Σ_e ceil(group_sizes[e] / tile)); entries past `count` are unused.
+    """
+    E = group_sizes.shape[0]
+    gs = group_sizes.astype(jnp.int32)
+    tiles = (gs + tile - 1) // tile
+    ends = jnp.cumsum(tiles)
+    i = jnp.arange(num_rows // tile + E, dtype=jnp.int32)
+    e = jnp.minimum(jnp.searchsorted(ends, i, side="right"), E - 1).astype(jnp.int32)
+    row0 = (jnp.cumsum(gs) - gs)[e] + (i - (ends - tiles)[e]) * tile
+    valid = jnp.clip((jnp.cumsum(gs))[e] - row0, 0, tile)
+    return ends[-1], e, row0, valid
+
+
+def _varying_like(a: jax.Array, *refs: jax.Array) -> jax.Array:
+    """`a` plus scalar zeros shaped like `refs`: inside shard_map a loop carry must vary
+    over the same manual mesh axes as the values the loop body adds to it."""
+    for r in refs:
+        a = a + jnp.zeros_like(r, shape=()).astype(a.dtype)
+    return a
+
+
+def _tiled_gmm(x_MK, w_EKN, group_sizes, tile: int, transpose_w: bool):
+    """y[m] = x[m] @ w[e(m)] (or @ w[e(m)].T), zero for rows past the groups."""
+    M, K = x_MK.shape
+    N = w_EKN.shape[-2] if transpose_w else w_EKN.shape[-1]
+    count, expert, row0, valid = _tile_plan(group_sizes, M, tile)
+    x_pad = jnp.pad(x_MK, ((0, tile), (0, 0)))
+    rows = jnp.arange(tile)[:, None]
+
+    def body(i, out):
+        w = jax.lax.dynamic_index_in_dim(w_EKN, expert[i], 0, keepdims=False).astype(x_MK.dtype)
+        y = jax.lax.dynamic_slice_in_dim(x_pad, row0[i], tile, 0) @ (w.T if transpose_w else w)
+        old = jax.lax.dynamic_slice_in_dim(out, row0[i], tile, 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(rows < valid[i], y, old),
+                                                   row0[i], 0)
+
+    out = _varying_like(jnp.zeros((M + tile, N), x_MK.dtype), x_MK, w_EKN, group_sizes)
+    return jax.lax.fori_loop(0, count, body, out)[:M]
+
+
+def _tiled_tgmm(x_MK, dy_MN, group_sizes, tile: int, w_dtype):
+    """dw[e] = Σ_{m in group e} x[m]^T dy[m], <[E, K, N]>."""
+    M, K = x_MK.shape
+    N = dy_MN.shape[-1]
+    count, expert, row0, valid = _tile_plan(group_sizes, M, tile)
+    x_pad = jnp.pad(x_MK, ((0, tile), (0, 0)))
+    dy_pad = jnp.pad(dy_MN, ((0, tile), (0, 0)))
+    rows = jnp.arange(tile)[:, None]
+
+    def body(i, dw):
+        x = jnp.where(rows < valid[i], jax.lax.dynamic_slice_in_dim(x_pad, row0[i], tile, 0), 0)
+        dy = jax.lax.dynamic_slice_in_dim(dy_pad, row0[i], tile, 0)
+        g = jnp.einsum("mk,mn->kn", x, dy, preferred_element_type=dw.dtype)
+        cur = jax.lax.dynamic_index_in_dim(dw, expert[i], 0, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(dw, cur + g[None],
+                                                   expert[i], 0)
+
+    acc_dtype = jnp.promote_types(jnp.promote_types(w_dtype, x_MK.dtype), jnp.float32)
+    dw = _varying_like(jnp.zeros((group_sizes.shape[0], K, N), acc_dtype), x_MK, dy_MN,
+                       group_sizes)
+    return jax.lax.fori_loop(0, count, body, dw).astype(w_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def tiled_ragged_dot(x_MK: jax.Array, w_EKN: jax.Array, group_sizes: jax.Array,
+                     tile: int = 128) -> jax.Array:
+    """`jax.lax.ragged_dot(x, w, group_sizes)` as a loop over row tiles (for CPU).
+
+    x_MK: <[M, K]> rows sorted by group; w_EKN: <[E, K, N]>; group_sizes: <int32>[E].
+    Returns <[M, N]> in x's dtype, zeros for rows past Σ group_sizes.
+    """
+    return _tiled_gmm(x_MK, w_EKN, group_sizes, tile, False)
+
+
+def _tiled_ragged_dot_fwd(x_MK, w_EKN, group_sizes, tile):
+    return _tiled_gmm(x_MK, w_EKN, group_sizes, tile, False), (x_MK, w_EKN, group_sizes)
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    """Manual mesh axes over which `x` varies inside shard_map (empty outside)."""
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
+
+
+def _sum_to_axes_of(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """Cotangent of a primal that is invariant over some axes: psum over them (as autodiff)."""
+    extra = _varying_axes(ct) - _varying_axes(primal)
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+def _tiled_ragged_dot_bwd(tile, res, dy_MN):
+    x_MK, w_EKN, group_sizes = res
+    dx = _sum_to_axes_of(_tiled_gmm(dy_MN, w_EKN, group_sizes, tile, True), x_MK)
+    dw = _sum_to_axes_of(_tiled_tgmm(x_MK, dy_MN, group_sizes, tile, w_EKN.dtype), w_EKN)
+    return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+tiled_ragged_dot.defvjp(_tiled_ragged_dot_fwd, _tiled_ragged_dot_bwd)
+
+
+def ragged_dot(x_MK: jax.Array, w_EKN: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Grouped matmul: `jax.lax.ragged_dot` on TPU/GPU, `tiled_ragged_dot` on CPU."""
+    M = x_MK.shape[0]
+    tile = max(8, min(128, 1 << max(M - 1, 1).bit_length()))  # <= 128, no bigger than M
+    return jax.lax.platform_dependent(
+        x_MK, w_EKN, group_sizes,
+        cpu=functools.partial(tiled_ragged_dot, tile=tile),
+        default=jax.lax.ragged_dot)

@@ -59,7 +59,10 @@ def stack_forward_flops(cfg: ModelConfig, stack: str, length: int, cross_length:
     HA = cfg.num_heads * cfg.head_dim
     per_layer_attn = 2 * _attention_params(cfg) + 4 * length * HA
     if stack == "decoder" and cfg.family == "encoder_decoder":
-        per_layer_attn += 2 * _attention_params(cfg) + 4 * cross_length * HA
+        # Cross attention: query/out per decoder token, key/value once per encoder
+        # token (amortised over the `length` decoder tokens), scores over cross_length.
+        per_layer_attn += (_attention_params(cfg) * (1 + cross_length / max(length, 1))
+                           + 4 * cross_length * HA)
     ffn = 2 * _ffn_params(cfg)
     moe = 2 * cfg.d_model * cfg.moe.num_experts + experts_per_token(cfg) * ffn
     flops = n * per_layer_attn + (n - n_sparse) * ffn + n_sparse * moe

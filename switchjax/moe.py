@@ -47,6 +47,13 @@ def expert_hidden(params, x, activation: str, dropout_rate: float, matmul, dropo
     Used by the dense MLP (matmul = @), the stacked experts (batched einsum) and
     dropless experts (ragged_dot), so all three compute the same function.
     """
+    if params["wi"].ndim == 2 and x.ndim > 2:
+        # Dense FFN on [B, L, D]: the same position-wise function on [B·L, D] rows. XLA:CPU
+        # runs the backward of the rank-3 form ~2x slower (gated GELU), so flatten. The
+        # dropout mask draws the same bits for either shape.
+        y = expert_hidden(params, x.reshape(-1, x.shape[-1]), activation, dropout_rate,
+                          matmul, dropout_rng)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     dtype = x.dtype
     h = activation_fn(activation)(matmul(x, params["wi"].astype(dtype)))
     if activation.startswith("gated_"):
@@ -129,7 +136,7 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
     if m.router == "dropless":
         def experts_fn(x_MD, group_sizes):
             return finish(expert_hidden(params, x_MD, cfg.activation, m.expert_dropout,
-                                        lambda a, w: jax.lax.ragged_dot(a, w, group_sizes),
+                                        lambda a, w: dispatch_lib.ragged_dot(a, w, group_sizes),
                                         dropout_rng))
         with jax.named_scope("dropless_experts"):
             if expert_axis is None:
