@@ -7,8 +7,21 @@ Model code names logical axes only ('batch', 'embed', 'mlp', 'expert', ...);
 "logical=" for replicated).
 
 Enter the mesh with `jax.set_mesh(mesh)` (not the legacy `with mesh:`, under
-which this Flax silently drops sharding constraints) and trace under
-`flax.linen.logical_axis_rules(rules)`.
+which this Flax silently drops sharding constraints, and under which the MoE
+layer would not see the 'expert' axis and silently skip expert parallelism)
+and trace under `flax.linen.logical_axis_rules(rules)`. The jitted steps of
+`switchjax.train.step` enter the mesh themselves, so they are safe either way.
+
+Results do not depend on the mesh: expert capacity is computed per routing
+group (`moe.group_size` tokens, or one sequence) on the device that holds the
+group, so the same tokens are kept or dropped on 1 device or on 1024; the
+expert-parallel path only moves each group's [E, C, D] buffers to the devices
+that own the experts (`switchjax.moe`). tests/test_sharding.py checks loss and
+gradients on several meshes against one device.
+
+Multi-host: `maybe_initialize_distributed` before anything touches devices,
+one global mesh over all processes, and each process feeds only its own rows
+of the global batch (`process_batch_rows`, `host_local_to_global`).
 """
 from __future__ import annotations
 
@@ -112,21 +125,67 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def validate_mesh(cfg: ModelConfig, mesh: Mesh, global_batch_size: int) -> None:
-    """Rejects a mesh that does not fit the model or the batch, before compiling."""
+# (config field, value getter, logical axis) whose size must divide over the mesh axes the
+# logical axis is mapped to.
+_DIVISIBLE = (("model.num_heads", lambda c: c.num_heads, "heads"),
+              ("model.d_ff", lambda c: c.d_ff, "mlp"),
+              ("model.vocab_size", lambda c: c.vocab_size, "vocab"),
+              ("model.d_model", lambda c: c.d_model, "embed"),
+              ("model.head_dim", lambda c: c.head_dim, "kv"),
+              ("model.relative_attention_num_buckets",
+               lambda c: c.relative_attention_num_buckets, "relpos_buckets"))
+
+
+def validate_mesh(cfg: ModelConfig, mesh: Mesh, global_batch_size: Optional[int] = None,
+                  rules=None, lengths: Sequence[int] = ()) -> None:
+    """Rejects a mesh that does not fit the model or the batch, before compiling.
+
+    Args:
+      cfg: the model.
+      mesh: the ('data', 'expert', 'model') mesh.
+      global_batch_size: rows of a (micro)batch over all hosts; None skips batch checks.
+      rules: logical axis rules (default `LOGICAL_RULES`): a dimension must divide over
+        the mesh axes its logical axis is mapped to.
+      lengths: sequence lengths of the batch (inputs, targets); with `moe.group_size`
+        set, the routing groups must split over data x expert for expert parallelism.
+    Raises ConfigError naming the config field and the fix.
+    """
     d, e, m = (mesh.shape[a] for a in MESH_AXES)
     moe = cfg.moe
     if cfg.num_moe_layers and moe.num_experts % e:
         raise ConfigError(f"moe.num_experts={moe.num_experts} is not divisible by mesh.expert={e}. "
                           "Fix: make the expert axis a divisor of the number of experts.")
+    table = dict(LOGICAL_RULES if rules is None else rules)
+    for field, get, logical in _DIVISIBLE:
+        axes = table.get(logical)
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if get(cfg) % size:
+            names = " x ".join(f"mesh.{a}" for a in axes)
+            raise ConfigError(f"{field}={get(cfg)} is not divisible by {names}={size} (logical "
+                              f"axis {logical!r} is sharded over {axes}). Fix: use a multiple of "
+                              f"{size}, a smaller {names}, or the mesh.rules override "
+                              f"'{logical}=' to replicate it.")
+    if global_batch_size is None:
+        return
     if global_batch_size % (d * e):
         raise ConfigError(f"train.batch_size={global_batch_size} is not divisible by mesh.data x "
                           f"mesh.expert = {d * e}. Fix: use a multiple of {d * e}.")
-    for field, value in (("model.num_heads", cfg.num_heads), ("model.d_ff", cfg.d_ff),
-                         ("model.vocab_size", cfg.vocab_size)):
-        if value % m:
-            raise ConfigError(f"{field}={value} is not divisible by mesh.model={m}. Fix: use a "
-                              f"multiple of {m} or a smaller model axis.")
+    if jax.process_count() > 1 and (d * e) % jax.process_count():
+        raise ConfigError(f"mesh.data x mesh.expert = {d * e} is not a multiple of the "
+                          f"{jax.process_count()} processes, so processes would share batch "
+                          "rows. Fix: keep mesh.model within one host (at most its local "
+                          "device count) and put the hosts on data/expert.")
+    S = moe.group_size
+    if cfg.num_moe_layers and S and e > 1 and moe.expert_parallel:
+        for L in lengths:
+            if (global_batch_size * L) % S or (global_batch_size * L // S) % (d * e):
+                raise ConfigError(
+                    f"moe.group_size={S}: the {global_batch_size}x{L} tokens do not form a "
+                    f"multiple of mesh.data x mesh.expert = {d * e} groups, which expert "
+                    "parallelism needs (each device routes whole groups). Fix: use a group "
+                    "size that divides batch_size*length/(data*expert), or 0 (one group per "
+                    "sequence).")
 
 
 def maybe_initialize_distributed(mesh_cfg) -> None:
@@ -145,8 +204,31 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def process_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows of the global batch that this process's devices hold.
+
+    With `make_mesh` (devices in process order) process p holds rows
+    [p·B/P, (p+1)·B/P): exactly what `switchjax.data` hands to process p.
+    """
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    rows = sorted({r for idx in index_map.values()
+                   for r in range(*idx[0].indices(global_batch_size))})
+    n = global_batch_size // jax.process_count()
+    if len(rows) != n or rows != list(range(rows[0], rows[0] + n)):
+        raise ConfigError(f"mesh {dict(mesh.shape)}: process {jax.process_index()} holds batch "
+                          f"rows {rows[:4]}... instead of a contiguous {n} of the "
+                          f"{global_batch_size}. Fix: put the hosts on mesh.data/mesh.expert "
+                          "(mesh.model within one host).")
+    return slice(rows[0], rows[0] + n)
+
+
 def host_local_to_global(batch: dict, mesh: Mesh) -> dict:
-    """Assembles each process's slice of the global batch into global sharded arrays."""
+    """Assembles each process's rows of the global batch into global sharded arrays.
+
+    `batch` holds this process's [B / process_count, ...] rows (`process_batch_rows`);
+    the result holds [B, ...] arrays sharded over ('data', 'expert'). With one
+    process it is a plain `device_put` onto the batch sharding.
+    """
     sharding = batch_sharding(mesh)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

@@ -66,12 +66,16 @@ def jit_train_step(model: nn.Module, cfg: ModelConfig, tx: optax.GradientTransfo
                    shardings: TrainState, mesh: Mesh, rules, accum_steps: int = 1):
     """`train_step` jitted with explicit in/out shardings and the state donated.
 
-    Call it under `jax.set_mesh(mesh)`.
+    The traced body enters `mesh` (as an abstract mesh) and the logical `rules`
+    itself, so the model's sharding constraints and the expert-parallel
+    shard_map are in force whatever mesh context the caller uses (none, the
+    recommended `jax.set_mesh(mesh)`, or the legacy `with mesh:`, which on its
+    own silently drops both).
     """
     step = functools.partial(train_step, model=model, cfg=cfg, tx=tx, accum_steps=accum_steps)
 
     def fn(state, batch, rng):
-        with nn.logical_axis_rules(rules):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
             return step(state, batch, rng)
 
     replicated = NamedSharding(mesh, P())
@@ -80,10 +84,10 @@ def jit_train_step(model: nn.Module, cfg: ModelConfig, tx: optax.GradientTransfo
 
 
 def jit_eval_step(model: nn.Module, cfg: ModelConfig, param_shardings, mesh: Mesh, rules):
-    """`eval_step` jitted with explicit shardings; call it under `jax.set_mesh(mesh)`."""
+    """`eval_step` jitted with explicit shardings; enters `mesh` itself (see `jit_train_step`)."""
 
     def fn(params, batch):
-        with nn.logical_axis_rules(rules):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
             return eval_step(params, batch, model=model, cfg=cfg)
 
     return jax.jit(fn, in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh)),
