@@ -1,0 +1,33 @@
+"""Trains one run: `train_and_evaluate(config, workdir)` behind absl flags.
+
+    python -m experiments.train --config configs/cpu_default.py --workdir /tmp/switchjax_run
+    python -m experiments.train --config configs/switch_base.py:smoke --workdir /tmp/sb \
+        --config.moe.capacity_factor_train=1.0
+
+The config is locked: a misspelled `--config.field=value` is an error. Rerunning
+with the same --workdir resumes from its newest readable checkpoint.
+"""
+import logging as std_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from switchjax.train import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    for noisy in ("absl", "orbax", "jax", "tensorflow_datasets"):
+        std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":  # grain worker processes import this module
+    app.run(main)

@@ -1,0 +1,134 @@
+"""Orbax checkpoints of the train state, the data iterator and the config.
+
+Layout: `workdir/checkpoints/<step>/{state, data, config}`:
+  state  the sharded `TrainState` (`ocp.args.StandardSave`, async);
+  data   this process's grain iterator state (`grain.checkpoint.CheckpointSave`:
+         one `process_<i>-of-<n>.json` per process);
+  config the experiment config as JSON (for humans and `report.py`).
+
+Saves are asynchronous (`enable_async_checkpointing`): `save` returns once
+the arrays are copied off the devices. Orbax writes into a temporary
+directory and renames it when complete, so a run killed mid-save leaves no
+step behind. `restore_latest` tries the steps newest to oldest; a step that
+cannot be read (truncated or missing files, wrong shapes) is logged as a
+warning naming the step and the error and the next older one is tried; once
+one restores, the unreadable newer steps are moved to `workdir/checkpoints_bad/`
+(so the run can write those steps again). If none restores, nothing is moved
+and `CheckpointError` is raised: a run never silently starts from scratch.
+All processes call every method (Orbax coordinates multi-host writes).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any, Optional
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+ITEMS = ("state", "data", "config")
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a non-empty checkpoint directory could be restored."""
+
+
+class Checkpointer:
+    """A `CheckpointManager` for (TrainState, data iterator, config) under `workdir`."""
+
+    def __init__(self, workdir: str, max_to_keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.bad_directory = os.path.abspath(os.path.join(workdir, "checkpoints_bad"))
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iterator, config: ml_collections.ConfigDict) -> bool:
+        """Starts an async save of `step` (no-op if that step exists already)."""
+        if step in self.manager.all_steps():
+            return False
+        config_json = json.loads(config.to_json_best_effort())
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(config_json)), force=True)
+
+    def restore(self, step: int, abstract_state, data_iterator=None):
+        """The state of `step` restored into `abstract_state`'s shardings; sets the iterator."""
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return restored["state"]
+
+    def restore_latest(self, abstract_state, data_iterator=None) -> tuple[Optional[Any], int]:
+        """(state, step) of the newest readable checkpoint, or (None, 0) if there is none.
+
+        Raises:
+          CheckpointError if checkpoints exist but none can be restored (e.g. the
+          config changed the model's shapes): never silently restarts from scratch.
+        """
+        errors, bad = [], []
+        for step in reversed(self.all_steps()):
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+                jax.block_until_ready(state)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                text = str(e).strip()
+                message = (f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text
+                           else type(e).__name__)
+                logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the "
+                                "previous one.", step, self.directory, message)
+                errors.append(f"step {step}: {message}")
+                bad.append(step)
+                continue
+            for b in bad:  # newer than the restored step: the run will write them again
+                logging.warning("Moving unreadable checkpoint step %d to %s.", b,
+                                self.bad_directory)
+                self._set_aside(b)
+            return state, step
+        if errors:  # nothing is moved: the checkpoints may fit another config
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} can be restored: {'; '.join(errors)}. Fix: "
+                "use a new --workdir, or the config those checkpoints were written with.")
+        return None, 0
+
+    def _set_aside(self, step: int) -> None:
+        """Moves an unreadable step out of the managed directory (process 0), on all hosts."""
+        if jax.process_index() == 0:
+            os.makedirs(self.bad_directory, exist_ok=True)
+            target = os.path.join(self.bad_directory, str(step))
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"switchjax_set_aside_{step}")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def read_state(workdir: str, step: Optional[int] = None) -> tuple[Any, int]:
+    """(state as a tree of numpy arrays, step) of a run's checkpoint, for tests/notebooks."""
+    ckpt = Checkpointer(workdir, max_to_keep=1000, async_save=False)
+    try:
+        step = ckpt.all_steps()[-1] if step is None else step
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))
+        return jax.tree.map(lambda x: jax.device_get(x), restored["state"]), step
+    finally:
+        ckpt.close()

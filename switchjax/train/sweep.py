@@ -1,0 +1,111 @@
+"""Sweeps: run every variant a config module's `sweep()` declares, then report.
+
+A config module may define
+
+    def sweep():
+        return [{"moe.capacity_factor_train": 1.0}, {"moe.capacity_factor_train": 2.0}]
+
+Each variant is the base config with those (dotted) fields set; it runs in
+`workdir/<name>` with name `field=value,field=value` (e.g.
+`moe.capacity_factor_train=1.0`). Variants run in this process one after
+another; one that has `DONE` (finished) or `FAILED` (stopped on a non-finite
+loss; delete the file to retry) is skipped, and an interrupted one resumes
+from its checkpoints. All variants are validated before the first one runs.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import os
+import re
+from typing import Callable
+
+import jax
+import ml_collections
+
+from switchjax.config import ConfigError
+from switchjax.train import loop, report
+
+
+def load_sweep(config_path: str) -> Callable[[], list[dict]]:
+    """The `sweep` function of a config file ('configs/X.py' or 'configs/X.py:arg')."""
+    path = config_path.split(":", 1)[0]
+    spec = importlib.util.spec_from_file_location("_sweep_config_module", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "sweep"):
+        raise ConfigError(f"{path} defines no sweep(). Fix: add `def sweep(): return "
+                          "[{'field': value}, ...]` or use experiments/train.py.")
+    return module.sweep
+
+
+def variant_name(overrides: dict) -> str:
+    """'moe.capacity_factor_train=1.0,moe.router=topk' (filesystem-safe)."""
+    name = ",".join(f"{k}={v}" for k, v in overrides.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
+    """A copy of `config` with dotted fields set; an unknown field is a ConfigError."""
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+                raise ConfigError(f"sweep override {key!r}: no section {p!r}. Fix: use an "
+                                  "existing field such as 'moe.capacity_factor_train'.")
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"sweep override {key!r}: unknown field. Fix: use one of "
+                              f"{sorted(node.keys())}.")
+        with node.ignore_type() if isinstance(value, (list, tuple)) else _nullcontext():
+            node[leaf] = value
+    return config
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: str,
+              title: str = "") -> list[dict]:
+    """Runs the unfinished variants, writes the report into `workdir`; returns the runs."""
+    configs = []
+    for overrides in variants:
+        variant = apply_overrides(config, overrides)
+        loop.validate_config(variant)  # all variants are checked before anything runs
+        configs.append((variant_name(overrides), overrides, variant))
+    names = [n for n, _, _ in configs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sweep() declares the same variant twice: {names}")
+    is_chief = jax.process_index() == 0
+    for name, overrides, variant in configs:
+        run_dir = os.path.join(workdir, name)
+        os.makedirs(run_dir, exist_ok=True)
+        if is_chief:
+            with open(os.path.join(run_dir, report.OVERRIDES), "w") as f:
+                json.dump(overrides, f)
+        if any(os.path.exists(os.path.join(run_dir, m)) for m in (loop.DONE, report.FAILED)):
+            logging.info("Skipping finished variant %s.", name)
+            print(f"[sweep] {name}: finished, skipped", flush=True)
+            continue
+        print(f"[sweep] {name}: running in {run_dir}", flush=True)
+        try:
+            loop.train_and_evaluate(variant, run_dir)
+        except loop.NonFiniteError as e:
+            print(f"[sweep] {name}: {e}", flush=True)
+            if is_chief:
+                with open(os.path.join(run_dir, report.FAILED), "w") as f:
+                    f.write(str(e) + "\n")
+    runs = [report.load_run(os.path.join(workdir, name), name) for name in names]
+    if is_chief:
+        for path in report.write_report(runs, workdir, title):
+            print(f"[sweep] wrote {path}", flush=True)
+    return runs

@@ -1,0 +1,78 @@
+"""The `train` part of an experiment config, and its validation.
+
+Read every field as an attribute; `validate_train_config` rejects unknown
+fields and impossible values with a message naming the field and the fix,
+before anything is built or compiled.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from switchjax.config import ConfigError
+from switchjax.train.optimizer import OPTIMIZERS, SCHEDULES
+
+
+def get_train_config() -> ml_collections.ConfigDict:
+    """Defaults for `config.train` (paper-style Adafactor + rsqrt; CPU configs override)."""
+    return ml_collections.ConfigDict(dict(
+        batch_size=8,  # global, in sequences; split over processes and mesh data x expert
+        num_train_steps=100,  # optimizer steps
+        accum_steps=1,  # gradient accumulation: microbatches per step (divides batch_size)
+        optimizer="adafactor",  # 'adafactor' (paper, T5 settings) or 'adamw'
+        learning_rate=0.01,  # peak; T5/Switch: 0.01 with rsqrt and 10k warmup steps
+        schedule="rsqrt",  # 'rsqrt' | 'cosine' | 'constant' (see optimizer.py)
+        warmup_steps=10_000,
+        end_learning_rate_factor=0.0,  # cosine: final lr = learning_rate * this
+        multiply_by_parameter_scale=True,  # adafactor
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,  # adamw
+        grad_clip_norm=0.0,  # > 0: clip gradients by global norm first
+        log_every=10,  # train metrics (averaged over the interval) every N steps
+        eval_every=100,  # evaluation every N steps and at the end
+        eval_steps=10,  # batches of data.eval_split per evaluation (always the same ones)
+        checkpoint_every=100,  # checkpoint every N steps and at the end
+        max_to_keep=3,  # checkpoints kept (the newest)
+        # Debug hooks for tests (off when < 1):
+        debug_nan_step=-1,  # set the router of MoE layer `debug_nan_layer` to NaN before step s
+        debug_nan_layer=0,  # index among the MoE layers (encoder first, then decoder)
+        debug_hang_at_step=-1,  # write workdir/HANG and sleep forever in step s (kill tests)
+    ))
+
+
+def _fail(field: str, value, problem: str, fix: str):
+    raise ConfigError(f"train.{field}={value!r}: {problem}. Fix: {fix}.")
+
+
+def validate_train_config(train: ml_collections.ConfigDict, num_moe_layers: int) -> None:
+    """Raises ConfigError naming the `train.<field>` that cannot work."""
+    known = set(get_train_config().keys())
+    unknown = sorted(set(train.keys()) - known)
+    if unknown:
+        _fail(unknown[0], train[unknown[0]], "is not a known field", f"use one of {sorted(known)}")
+    for name in ("batch_size", "num_train_steps", "accum_steps", "log_every", "eval_every",
+                 "eval_steps", "checkpoint_every", "max_to_keep"):
+        value = train[name]
+        if not isinstance(value, int) or value < 1:
+            _fail(name, value, "must be a positive integer", "set it >= 1")
+    if train.batch_size % train.accum_steps:
+        _fail("accum_steps", train.accum_steps,
+              f"does not divide train.batch_size={train.batch_size}",
+              "use a divisor of the batch size")
+    if train.optimizer not in OPTIMIZERS:
+        _fail("optimizer", train.optimizer, "unknown optimizer", f"use one of {OPTIMIZERS}")
+    if train.schedule not in SCHEDULES:
+        _fail("schedule", train.schedule, "unknown schedule", f"use one of {SCHEDULES}")
+    if not train.learning_rate > 0:
+        _fail("learning_rate", train.learning_rate, "must be > 0", "e.g. 0.01 (rsqrt, Adafactor)")
+    if train.warmup_steps < 0:
+        _fail("warmup_steps", train.warmup_steps, "must be >= 0", "e.g. 10000 (paper)")
+    if not 0.0 <= train.end_learning_rate_factor <= 1.0:
+        _fail("end_learning_rate_factor", train.end_learning_rate_factor, "must be in [0, 1]",
+              "e.g. 0.1")
+    if train.grad_clip_norm < 0:
+        _fail("grad_clip_norm", train.grad_clip_norm, "must be >= 0", "use 0 (off) or e.g. 1.0")
+    if train.weight_decay < 0 or not 0 <= train.b1 < 1 or not 0 <= train.b2 < 1:
+        _fail("b1/b2/weight_decay", (train.b1, train.b2, train.weight_decay), "out of range",
+              "use 0 <= b1, b2 < 1 and weight_decay >= 0")
+    if train.debug_nan_step > 0 and not 0 <= train.debug_nan_layer < num_moe_layers:
+        _fail("debug_nan_layer", train.debug_nan_layer,
+              f"the model has {num_moe_layers} MoE layers", "pick an index of an MoE layer")
