@@ -1,0 +1,650 @@
+"""Speed as ratios, in one process: MoE layer vs FLOP-matched dense FFN per dispatch path,
+Switch vs FLOP-matched dense models, scaling in experts and tokens, expert-parallel
+overhead (8 simulated host devices) and memory. Writes results.md, results.json and
+scaling.png into --out.
+
+    python -m experiments.benchmark --out /tmp/bench            # ~10 min on a 2-core CPU
+    python -m experiments.benchmark --out /tmp/bench --smoke    # ~20 s, tiny sizes, 1 rep
+    python -m experiments.benchmark --out /tmp/bench --sections layer,model --reps 9
+
+Every number is measured after compilation and warm-up; times are medians over --reps
+rounds. Within a round the candidates run back to back (dense, sparse, dense, ...), and a
+ratio is the median of the per-round ratios, so a load spike on a shared machine hits
+both sides of a ratio. On an accelerator it also reports model FLOPs utilisation.
+"""
+from __future__ import annotations
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from switchjax import flops  # noqa: E402
+from switchjax.config import ModelConfig, model_config_dict  # noqa: E402
+from switchjax.layers import Mlp  # noqa: E402
+from switchjax.models import make_model  # noqa: E402
+from switchjax.moe import MoeLayer  # noqa: E402
+from switchjax.routing import expert_capacity  # noqa: E402
+
+# Dense bf16 peak FLOP/s per chip, matched against `device_kind` (first hit wins).
+PEAK_FLOPS = {"TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5": 197e12, "TPU v4": 275e12,
+              "TPU v3": 123e12, "H200": 989e12, "H100": 989e12, "A100": 312e12,
+              "L4": 121e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
+
+SIZES = {  # the CPU-sized model; --smoke shrinks it
+    "full": dict(d_model=256, d_ff=1024, num_heads=4, head_dim=64, vocab_size=8192, batch=16,
+                 length=128, targets_length=32, layers=2, decoder_only_layers=4,
+                 experts=(8, 16, 32, 64, 128), token_multipliers=(1, 2, 4)),
+    "smoke": dict(d_model=32, d_ff=64, num_heads=2, head_dim=16, vocab_size=256, batch=8,
+                  length=16, targets_length=8, layers=2, decoder_only_layers=2,
+                  experts=(8, 16), token_multipliers=(1, 2)),
+}
+
+
+# ----------------------------------------------------------------------------- configs
+
+def make_config(args, size, **overrides) -> ml_collections.ConfigDict:
+    values = {"model.d_model": size["d_model"], "model.d_ff": size["d_ff"],
+              "model.num_heads": size["num_heads"], "model.head_dim": size["head_dim"],
+              "model.vocab_size": size["vocab_size"], "model.activation": args.activation,
+              "model.num_encoder_layers": size["layers"],
+              "model.num_decoder_layers": size["layers"],
+              "moe.num_experts": 8, "moe.dispatch": args.dispatch,
+              "moe.group_size": args.group_size, "moe.capacity_factor_train": 1.25}
+    values.update(overrides)
+    if values["moe.dispatch"] == "ragged":
+        values["moe.router"] = "dropless"
+    model, moe = model_config_dict(**values)
+    return ml_collections.ConfigDict({"model": model, "moe": moe})
+
+
+def group_size_for(num_experts: int, base: int, capacity_factor: float, min_capacity: int = 4):
+    """Smallest power-of-two multiple of `base` whose capacity is not raised by min_capacity."""
+    size = base
+    while size * capacity_factor / num_experts < min_capacity:
+        size *= 2
+    return size
+
+
+# ----------------------------------------------------------------------------- timing
+
+def compile_timed(jitted, *args):
+    t = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t
+
+
+def memory_of(compiled) -> dict:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return {}
+    if m is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "alias_size_in_bytes", "generated_code_size_in_bytes")
+    return {k.replace("_size_in_bytes", "_bytes"): int(getattr(m, k, 0) or 0) for k in keys}
+
+
+def rss() -> dict:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        now = 0
+    return {"rss_bytes": now, "peak_rss_bytes": peak}
+
+
+class Runner:
+    """A compiled function and its arguments; `carry` feeds output[0] back (train state)."""
+
+    def __init__(self, compiled, args, carry=False):
+        self.compiled, self.args, self.carry = compiled, list(args), carry
+
+    def __call__(self):
+        out = self.compiled(*self.args)
+        jax.block_until_ready(out)
+        if self.carry:
+            self.args[0] = out[0]
+        return out
+
+
+def interleaved(runners: dict, reps: int, warmup: int = 2) -> dict:
+    """Runs every runner `warmup` times, then `reps` rounds of one call each.
+
+    Returns {name: {"times": [...], "cpu_times": [...]}}, wall and process CPU seconds.
+    """
+    for r in runners.values():
+        for _ in range(warmup):
+            r()
+    out = {n: {"times": [], "cpu_times": []} for n in runners}
+    for _ in range(reps):
+        for name, r in runners.items():
+            w, c = time.perf_counter(), time.process_time()
+            r()
+            out[name]["times"].append(time.perf_counter() - w)
+            out[name]["cpu_times"].append(time.process_time() - c)
+    return out
+
+
+def median_ratio(num: list, den: list) -> float:
+    return float(np.median(np.asarray(num) / np.asarray(den)))
+
+
+# ----------------------------------------------------------------------------- 1. layer
+
+def layer_runner(module, x, dy, aux_coef):
+    """Jitted grad of <y, dy> (+ aux loss) w.r.t. params and x: one forward+backward.
+
+    The runner's output is (grads, dropped fraction) (0 for a dense layer).
+    """
+    params = module.init(jax.random.key(0), x, train=True)["params"]
+
+    def loss(p, x):
+        out = module.apply({"params": p}, x, train=True)
+        if isinstance(out, tuple):
+            y, stats = out
+            return jnp.vdot(y, dy) + aux_coef * stats.aux_loss, stats.dropped_fraction
+        return jnp.vdot(out, dy), jnp.float32(0)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    compiled, secs = compile_timed(grad, params, x)
+    return Runner(compiled, (params, x)), secs, memory_of(compiled)
+
+
+def layer_cases(smoke: bool):
+    if smoke:
+        return [("einsum", 1.25), ("gather", 1.25), ("ragged", None)]
+    return [(d, cf) for d in ("einsum", "gather") for cf in (1.0, 1.25, 2.0)] + [("ragged", None)]
+
+
+def bench_layer(args, size) -> list:
+    B, L, D = size["batch"], size["length"], size["d_model"]
+    x = jax.random.normal(jax.random.key(1), (B, L, D))
+    dy = jax.random.normal(jax.random.key(2), (B, L, D))
+    rows, dense_runners = [], {}
+    for dispatch, cf in layer_cases(args.smoke):
+        config = make_config(args, size, **{"moe.dispatch": dispatch,
+                                            "moe.capacity_factor_train": cf or 1.0})
+        cfg = ModelConfig.from_config(config)
+        k = cfg.moe.num_selected_experts
+        if k not in dense_runners:  # FLOP-matched dense FFN: d_ff·k, compiled once
+            dense_cfg = ModelConfig.from_config(make_config(
+                args, size, **{"model.d_ff": cfg.d_ff * k, "model.encoder_moe_layers": "none",
+                               "model.decoder_moe_layers": "none"}))
+            dense_runners[k] = layer_runner(Mlp(dense_cfg), x, dy, 0.0)
+        dense, dense_compile, dense_mem = dense_runners[k]
+        moe, moe_compile, moe_mem = layer_runner(MoeLayer(cfg), x, dy, cfg.moe.aux_loss_coef)
+        t = interleaved({"dense": dense, "moe": moe}, args.reps)
+        S = cfg.moe.group_size or L
+        fl = flops.moe_layer_flops(cfg, S, train=True)
+        dropped = float(moe()[1])
+        rows.append({
+            "dispatch": dispatch, "capacity_factor": cf, "experts": cfg.moe.num_experts,
+            "group_size": S, "capacity": (None if cf is None else expert_capacity(
+                S, cfg.moe.num_experts, cf, k, cfg.moe.min_capacity, cfg.moe.capacity_rounding)),
+            "moe_s": float(np.median(t["moe"]["times"])),
+            "dense_s": float(np.median(t["dense"]["times"])),
+            "ratio": median_ratio(t["moe"]["times"], t["dense"]["times"]),
+            "cpu_ratio": median_ratio(t["moe"]["cpu_times"], t["dense"]["cpu_times"]),
+            "flop_ratio": fl["ratio_to_dense"], "dropped_fraction": dropped,
+            "compile_s": moe_compile, "dense_compile_s": dense_compile,
+            "memory": moe_mem, "dense_memory": dense_mem, **rss()})
+        print(f"[layer] {dispatch:6s} cf={cf} ratio={rows[-1]['ratio']:.3f} "
+              f"(flops {fl['ratio_to_dense']:.3f})", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2./3. model
+
+def make_batch(cfg: ModelConfig, batch: int, inputs_length: int, targets_length: int, seed=0):
+    rng = np.random.default_rng(seed)
+    tok = lambda n: jnp.asarray(rng.integers(1, cfg.vocab_size, (batch, n)), jnp.int32)  # noqa
+    b = {"decoder_input_tokens": tok(targets_length), "decoder_target_tokens": tok(targets_length),
+         "decoder_segment_ids": jnp.ones((batch, targets_length), jnp.int32),
+         "decoder_loss_weights": jnp.ones((batch, targets_length), jnp.float32)}
+    if cfg.family == "encoder_decoder":
+        b["encoder_input_tokens"] = tok(inputs_length)
+        b["encoder_segment_ids"] = jnp.ones((batch, inputs_length), jnp.int32)
+    return b
+
+
+def tokens_of(batch: dict) -> int:
+    return int(sum(v.size for k, v in batch.items() if k.endswith("input_tokens")))
+
+
+def train_runner(config, batch):
+    """A jitted train step (value_and_grad of total_loss + AdamW), compiled, state donated."""
+    from switchjax.train.state import TrainState
+    from switchjax.train.step import train_step
+    import flax.linen as nn
+    cfg = ModelConfig.from_config(config)
+    model = make_model(cfg)
+    tx = optax.adamw(1e-3, weight_decay=0.01)
+    params = nn.meta.unbox(jax.jit(lambda r: model.init({"params": r, "dropout": r}, batch,
+                                                         train=False))(jax.random.key(0))["params"])
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    step = jax.jit(functools.partial(train_step, model=model, cfg=cfg, tx=tx), donate_argnums=0)
+    compiled, secs = compile_timed(step, state, batch, jax.random.key(1))
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    return Runner(compiled, (state, batch, jax.random.key(1)), carry=True), secs, \
+        memory_of(compiled), cfg, n_params
+
+
+def mfu(cfg: ModelConfig, batch: dict, seconds: float):
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    peak = next((v for k, v in PEAK_FLOPS.items() if k.lower() in dev.device_kind.lower()), None)
+    Li = batch["encoder_input_tokens"].shape[1] if "encoder_input_tokens" in batch else 0
+    B, Lt = batch["decoder_input_tokens"].shape
+    model_flops = 3 * B * flops.forward_flops_per_example(cfg, Li, Lt) / seconds
+    return {"device_kind": dev.device_kind, "model_flops_per_s": model_flops,
+            "peak_flops_per_s": peak, "mfu": model_flops / peak if peak else None}
+
+
+def bench_model(args, size) -> list:
+    rows = []
+    for family in ("encoder_decoder", "decoder_only"):
+        over = {"model.family": family}
+        if family == "decoder_only":
+            over["model.num_decoder_layers"] = size["decoder_only_layers"]
+        switch = make_config(args, size, **over)
+        dense = flops.flop_matched_dense(switch)
+        t_len = size["targets_length"] if family == "encoder_decoder" else size["length"]
+        batch = make_batch(ModelConfig.from_config(switch), size["batch"], size["length"], t_len)
+        runners, info = {}, {}
+        for name, config in (("dense", dense), ("switch", switch)):
+            runner, secs, mem, cfg, n = train_runner(config, batch)
+            runners[name] = runner
+            info[name] = {"compile_s": secs, "memory": mem, "params": n, "cfg": cfg,
+                          "active_params": flops.param_counts(cfg)["active"]}
+        t = interleaved(runners, args.reps)
+        ntok = tokens_of(batch)
+        row = {"family": family, "tokens_per_step": ntok, "dispatch": args.dispatch,
+               "throughput_ratio": median_ratio(t["dense"]["times"], t["switch"]["times"]),
+               "cpu_throughput_ratio": median_ratio(t["dense"]["cpu_times"],
+                                                    t["switch"]["cpu_times"]), **rss()}
+        for name in runners:
+            s = float(np.median(t[name]["times"]))
+            row[name] = {"step_s": s, "tokens_per_s": ntok / s,
+                         "compile_s": info[name]["compile_s"], "memory": info[name]["memory"],
+                         "params": info[name]["params"],
+                         "active_params": info[name]["active_params"],
+                         "d_ff": info[name]["cfg"].d_ff,
+                         "mfu": mfu(info[name]["cfg"], batch, s)}
+        rows.append(row)
+        print(f"[model] {family}: switch/dense throughput {row['throughput_ratio']:.3f}",
+              flush=True)
+    return rows
+
+
+def bench_scaling(args, size) -> dict:
+    """Decoder-only train step and MoE layer fwd+bwd vs experts, and vs tokens per batch."""
+    base_s = args.group_size or size["length"]
+    out = {"experts": [], "tokens": []}
+    B, L, D = size["batch"], size["length"], size["d_model"]
+    x = jax.random.normal(jax.random.key(1), (B, L, D))
+    dy = jax.random.normal(jax.random.key(2), (B, L, D))
+    over = {"model.family": "decoder_only", "model.num_decoder_layers": size["layers"]}
+    first_step = None
+    for E in size["experts"]:
+        S = group_size_for(E, base_s, 1.25)
+        config = make_config(args, size, **over, **{"moe.num_experts": E, "moe.group_size": S})
+        cfg = ModelConfig.from_config(config)
+        batch = make_batch(cfg, B, L, L)
+        step, step_compile, step_mem, _, n = train_runner(config, batch)
+        layer, layer_compile, layer_mem = layer_runner(MoeLayer(cfg), x, dy, 0.01)
+        t = interleaved({"step": step, "layer": layer}, args.reps)
+        out["experts"].append({
+            "experts": E, "group_size": S, "params": n,
+            "step_s": float(np.median(t["step"]["times"])), "step_compile_s": step_compile,
+            "layer_s": float(np.median(t["layer"]["times"])), "layer_compile_s": layer_compile,
+            "flop_ratio": flops.moe_layer_flops(cfg, S)["ratio_to_dense"],
+            "memory": step_mem, "layer_memory": layer_mem, **rss()})
+        if first_step is None:
+            first_step = (config, step, step_compile, step_mem)
+        del step, layer
+        print(f"[scaling] E={E} S={S} step {out['experts'][-1]['step_s']:.3f}s "
+              f"layer {out['experts'][-1]['layer_s']:.3f}s", flush=True)
+    e0 = out["experts"][0]
+    for r in out["experts"]:
+        r["step_vs_first"] = r["step_s"] / e0["step_s"]
+        r["layer_vs_first"] = r["layer_s"] / e0["layer_s"]
+    config, step1, compile1, mem1 = first_step  # tokens x1 = the first experts config
+    cfg = ModelConfig.from_config(config)
+    runners, info = {}, {}
+    for mult in size["token_multipliers"]:
+        batch = make_batch(cfg, B * mult, L, L)
+        if mult == 1:
+            runners[mult], info[mult] = step1, (compile1, mem1, tokens_of(batch))
+        else:
+            step, secs, mem, _, _ = train_runner(config, batch)
+            runners[mult], info[mult] = step, (secs, mem, tokens_of(batch))
+    t = interleaved(runners, args.reps)
+    for mult in runners:
+        secs, mem, ntok = info[mult]
+        out["tokens"].append({"multiplier": mult, "tokens_per_step": ntok,
+                              "step_s": float(np.median(t[mult]["times"])),
+                              "compile_s": secs, "memory": mem, **rss()})
+        print(f"[scaling] tokens x{mult}: step {out['tokens'][-1]['step_s']:.3f}s", flush=True)
+    for r in out["tokens"]:
+        r["step_vs_first"] = r["step_s"] / out["tokens"][0]["step_s"]
+    return out
+
+
+# ----------------------------------------------------------------------------- 4. EP
+
+_COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+_DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1,
+                "pred": 1, "s64": 8, "u64": 8}
+
+
+def hlo_collectives(hlo_text: str) -> dict:
+    """{op: {"count", "bytes"}} over the compiled HLO; bytes of each op's result shape(s)."""
+    out = {op: {"count": 0, "bytes": 0} for op in _COLLECTIVES}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([\w\-]+)(?:-start)?\(", line)
+        if not m:
+            continue
+        op = m.group(2).replace("-start", "")
+        if op not in out or m.group(2).endswith("-done"):
+            continue
+        out[op]["count"] += 1
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
+            n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+            out[op]["bytes"] += n * _DTYPE_BYTES.get(dtype, 4)
+    return out
+
+
+def bench_expert_parallel(args, size) -> list:
+    from switchjax import sharding as sharding_lib
+    from switchjax.train.state import create_train_state
+    from switchjax.train.step import jit_train_step
+    n_dev = len(jax.devices())
+    if n_dev < 8:
+        return [{"skipped": f"needs 8 devices, have {n_dev}"}]
+    over = {"model.family": "decoder_only", "model.num_decoder_layers": size["layers"]}
+    config = make_config(args, size, **over)
+    cfg = ModelConfig.from_config(config)
+    batch = make_batch(cfg, size["batch"], size["length"], size["length"])
+    tx = optax.adamw(1e-3, weight_decay=0.01)
+    model = make_model(cfg)
+    rows, runners = [], {}
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    for expert in (1, 8):
+        mesh_cfg = ml_collections.ConfigDict({"data": 8 // expert, "expert": expert, "model": 1,
+                                              "rules": ()})
+        mesh = sharding_lib.make_mesh(mesh_cfg)
+        rules = sharding_lib.logical_rules(mesh_cfg)
+        state, shardings = create_train_state(model, tx, shapes, mesh, rules, seed=0)
+        step = jit_train_step(model, cfg, tx, shardings, mesh, rules)
+        with jax.set_mesh(mesh):
+            b = jax.device_put(batch, sharding_lib.batch_sharding(mesh))
+            rng = jax.random.key(1)
+            compiled, secs = compile_timed(step, state, b, rng)
+        colls = hlo_collectives(compiled.as_text())
+        runners[expert] = Runner(compiled, (state, b, rng), carry=True)
+        rows.append({"mesh": {"data": 8 // expert, "expert": expert, "model": 1},
+                     "compile_s": secs, "collectives": colls, "memory": memory_of(compiled)})
+    t = interleaved({e: r for e, r in runners.items()}, args.reps)
+    for row, e in zip(rows, (1, 8)):
+        row["step_s"] = float(np.median(t[e]["times"]))
+        row["vs_expert_1"] = median_ratio(t[e]["times"], t[1]["times"])
+        row.update(rss())
+        print(f"[ep] expert={e}: step {row['step_s']:.3f}s, all-to-all "
+              f"{row['collectives']['all-to-all']}", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+TARGETS = {  # ratio targets on the 2-core CPU (issue 7)
+    "layer_best_capacity_cf1.25": ("<=", 1.30),
+    "layer_dropless": ("<=", 1.15),
+    "model_throughput_min": (">=", 0.85),
+    "scaling_E128_vs_E8_layer": ("<=", 1.20),
+}
+
+
+def machine_info() -> dict:
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": dev.device_kind,
+            "num_devices": len(jax.devices()), "cpu_count": os.cpu_count(),
+            "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__),
+            "python": platform.python_version(), "machine": platform.machine(),
+            "loadavg_start": list(os.getloadavg())}
+
+
+def check_targets(results: dict) -> dict:
+    out = {}
+    layer = results.get("layer") or []
+    cap = [r["ratio"] for r in layer if r["capacity_factor"] == 1.25]
+    if cap:
+        out["layer_best_capacity_cf1.25"] = min(cap)
+    drop = [r["ratio"] for r in layer if r["dispatch"] == "ragged"]
+    if drop:
+        out["layer_dropless"] = drop[0]
+    if results.get("model"):
+        out["model_throughput_min"] = min(r["throughput_ratio"] for r in results["model"])
+    exp = (results.get("scaling") or {}).get("experts") or []
+    if len(exp) > 1:
+        out["scaling_E128_vs_E8_layer"] = exp[-1]["layer_vs_first"]
+    return {k: {"value": v, "target": f"{TARGETS[k][0]} {TARGETS[k][1]}",
+                "met": v <= TARGETS[k][1] if TARGETS[k][0] == "<=" else v >= TARGETS[k][1]}
+            for k, v in out.items()}
+
+
+def _mib(n) -> str:
+    return f"{n / 2**20:.1f}" if n else "-"
+
+
+def write_markdown(results: dict, path: str) -> None:
+    m = results["machine"]
+    a = results["args"]
+    lines = [f"# switchjax benchmark{' (smoke)' if a['smoke'] else ''}", "",
+             f"{m['platform']} ({m['device_kind']}), {m['cpu_count']} CPU cores, "
+             f"{m['num_devices']} devices, JAX {m['jax']}, Python {m['python']}; load average "
+             f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. "
+             f"Medians of {a['reps']} interleaved repetitions after warm-up; ratios are medians "
+             f"of per-round ratios. Activation {a['activation']}, model dispatch "
+             f"'{a['dispatch']}'.", ""]
+    if results.get("targets"):
+        lines += ["## Targets", "", "| metric | value | target | met |", "|---|---|---|---|"]
+        for k, v in results["targets"].items():
+            lines.append(f"| {k} | {v['value']:.3f} | {v['target']} | {'yes' if v['met'] else 'no'} |")
+        lines.append("")
+    if results.get("layer"):
+        lines += ["## 1. MoE layer / FLOP-matched dense FFN (forward + backward)", "",
+                  "E experts, S tokens per group, C capacity; dense = `layers.Mlp` with d_ff·k. "
+                  "`flop ratio` is `flops.moe_layer_flops(...)['ratio_to_dense']`.", "",
+                  "| dispatch | CF | E | S | C | MoE ms | dense ms | time ratio | CPU-time ratio "
+                  "| flop ratio | dropped | compile s | temp MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["layer"]:
+            lines.append(
+                f"| {r['dispatch']} | {r['capacity_factor'] or 'dropless'} | {r['experts']} | "
+                f"{r['group_size']} | {r['capacity'] if r['capacity'] is not None else '-'} | "
+                f"{1e3 * r['moe_s']:.1f} | {1e3 * r['dense_s']:.1f} | **{r['ratio']:.3f}** | "
+                f"{r['cpu_ratio']:.3f} | {r['flop_ratio']:.3f} | {r['dropped_fraction']:.3f} | "
+                f"{r['compile_s']:.2f} | {_mib(r['memory'].get('temp_bytes'))} |")
+        lines.append("")
+    if results.get("model"):
+        lines += ["## 2. Whole-model training throughput: Switch vs FLOP-matched dense", "",
+                  "Train step = jit(value_and_grad(losses.total_loss)) + AdamW; dense = "
+                  "`flops.flop_matched_dense`.", "",
+                  "| family | tokens/step | Switch tok/s | dense tok/s | Switch/dense throughput "
+                  "| CPU-time ratio | params Switch / dense | compile s Switch / dense "
+                  "| temp MiB Switch / dense |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["model"]:
+            s, d = r["switch"], r["dense"]
+            lines.append(
+                f"| {r['family']} | {r['tokens_per_step']} | {s['tokens_per_s']:.0f} | "
+                f"{d['tokens_per_s']:.0f} | **{r['throughput_ratio']:.3f}** | "
+                f"{r['cpu_throughput_ratio']:.3f} | {s['params'] / 1e6:.1f}M / "
+                f"{d['params'] / 1e6:.1f}M | {s['compile_s']:.1f} / {d['compile_s']:.1f} | "
+                f"{_mib(s['memory'].get('temp_bytes'))} / {_mib(d['memory'].get('temp_bytes'))} |")
+        mf = [(r["family"], n, r[n]["mfu"]) for r in results["model"] for n in ("switch", "dense")
+              if r[n]["mfu"]]
+        if mf:
+            lines += ["", "| family | model | model TFLOP/s | peak TFLOP/s | MFU |",
+                      "|---|---|---|---|---|"]
+            for fam, n, x in mf:
+                peak = f"{x['peak_flops_per_s'] / 1e12:.0f}" if x["peak_flops_per_s"] else "?"
+                u = f"{x['mfu']:.3f}" if x["mfu"] is not None else "?"
+                lines.append(f"| {fam} | {n} | {x['model_flops_per_s'] / 1e12:.2f} | {peak} | {u} |")
+        lines.append("")
+    sc = results.get("scaling")
+    if sc:
+        lines += ["## 3. Scaling (decoder-only, same active parameters)", "",
+                  "Group size S grows with E only as far as needed to keep C = S·1.25/E >= "
+                  "min_capacity (otherwise capacity, and FLOPs, would grow with E).", "",
+                  "| E | S | params | train step s | vs first | step compile s | MoE layer fwd+bwd "
+                  "ms | vs first | layer compile s | flop ratio | temp MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sc["experts"]:
+            lines.append(
+                f"| {r['experts']} | {r['group_size']} | {r['params'] / 1e6:.1f}M | "
+                f"{r['step_s']:.3f} | {r['step_vs_first']:.2f} | {r['step_compile_s']:.1f} | "
+                f"{1e3 * r['layer_s']:.1f} | **{r['layer_vs_first']:.2f}** | "
+                f"{r['layer_compile_s']:.1f} | {r['flop_ratio']:.3f} | "
+                f"{_mib(r['memory'].get('temp_bytes'))} |")
+        lines += ["", "| tokens x | tokens/step | train step s | vs x1 | compile s | temp MiB |",
+                  "|---|---|---|---|---|---|"]
+        for r in sc["tokens"]:
+            lines.append(f"| {r['multiplier']} | {r['tokens_per_step']} | {r['step_s']:.3f} | "
+                         f"{r['step_vs_first']:.2f} | {r['compile_s']:.1f} | "
+                         f"{_mib(r['memory'].get('temp_bytes'))} |")
+        lines += ["", "![scaling](scaling.png)", ""]
+    ep = results.get("expert_parallel")
+    if ep:
+        lines += ["## 4. Expert parallelism on 8 simulated devices (decoder-only train step)", ""]
+        if "skipped" in ep[0]:
+            lines += [ep[0]["skipped"], ""]
+        else:
+            lines += ["| mesh (data, expert, model) | step s | vs expert=1 | all-to-all ops | "
+                      "all-to-all MiB | all-gather ops | all-reduce ops | reduce-scatter ops | "
+                      "compile s |", "|---|---|---|---|---|---|---|---|---|"]
+            for r in ep:
+                c = r["collectives"]
+                lines.append(
+                    f"| ({r['mesh']['data']}, {r['mesh']['expert']}, {r['mesh']['model']}) | "
+                    f"{r['step_s']:.3f} | {r['vs_expert_1']:.2f} | {c['all-to-all']['count']} | "
+                    f"{c['all-to-all']['bytes'] / 2**20:.2f} | {c['all-gather']['count']} | "
+                    f"{c['all-reduce']['count']} | {c['reduce-scatter']['count']} | "
+                    f"{r['compile_s']:.1f} |")
+            lines += ["", "Simulated devices share the host's cores: the step-time ratio shows "
+                      "the cost of the extra work and copies, not of a real interconnect.", ""]
+    lines += ["## 5. Memory", "",
+              f"Peak host RSS of the whole run: {_mib(results['peak_rss_bytes'])} MiB. Per "
+              "configuration, `compiled.memory_analysis()` temp/argument sizes are in the tables "
+              "above and in results.json (`memory`, plus `rss_bytes`/`peak_rss_bytes` sampled "
+              "after each configuration).", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def write_plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sc = results["scaling"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    E = [r["experts"] for r in sc["experts"]]
+    ax = axes[0]
+    ax.plot(E, [r["step_vs_first"] for r in sc["experts"]], "o-", label="train step time")
+    ax.plot(E, [r["layer_vs_first"] for r in sc["experts"]], "s-", label="MoE layer fwd+bwd")
+    ax.plot(E, [r["step_compile_s"] / sc["experts"][0]["step_compile_s"] for r in sc["experts"]],
+            "^--", label="train step compile time")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("experts E (same active parameters)")
+    ax.set_ylabel(f"relative to E={E[0]}")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    mult = [r["multiplier"] for r in sc["tokens"]]
+    ax.plot(mult, [r["step_vs_first"] for r in sc["tokens"]], "o-", label="train step time")
+    ax.plot(mult, mult, ":", color="gray", label="linear")
+    ax.set_xlabel("tokens per batch (x)")
+    ax.set_ylabel("relative to x1")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"switchjax scaling ({results['machine']['platform']}, "
+                 f"{results['machine']['device_kind']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+SECTIONS = ("layer", "model", "scaling", "ep")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for results.md/json and scaling.png")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and one repetition")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; 1 smoke)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--dispatch", default="gather", choices=("einsum", "gather", "ragged"),
+                   help="dispatch of the whole-model, scaling and expert-parallel runs")
+    p.add_argument("--group_size", type=int, default=0,
+                   help="moe.group_size (0 = one group per sequence)")
+    p.add_argument("--activation", default="gated_gelu")
+    args = p.parse_args(argv)
+    args.reps = args.reps or (1 if args.smoke else 7)
+    bad = set(args.sections.split(",")) - set(SECTIONS)
+    if bad:
+        p.error(f"unknown sections {sorted(bad)}; use {SECTIONS}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    size = SIZES["smoke" if args.smoke else "full"]
+    sections = args.sections.split(",")
+    os.makedirs(args.out, exist_ok=True)
+    results = {"machine": machine_info(), "args": vars(args), "size": size}
+    start = time.perf_counter()
+    if "layer" in sections:
+        results["layer"] = bench_layer(args, size)
+    if "model" in sections:
+        results["model"] = bench_model(args, size)
+    if "scaling" in sections:
+        results["scaling"] = bench_scaling(args, size)
+    if "ep" in sections:
+        results["expert_parallel"] = bench_expert_parallel(args, size)
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
+    results["wall_s"] = time.perf_counter() - start
+    results["peak_rss_bytes"] = rss()["peak_rss_bytes"]
+    results["targets"] = check_targets(results)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    write_markdown(results, os.path.join(args.out, "results.md"))
+    if results.get("scaling"):
+        write_plot(results, os.path.join(args.out, "scaling.png"))
+    print(f"wrote {args.out}/results.md ({results['wall_s']:.0f} s)", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
