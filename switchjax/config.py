@@ -56,7 +56,7 @@ class MoeConfig:
     aux_loss_coef: float = 0.01  # alpha
     z_loss_coef: float = 0.0  # c_z (router z-loss)
     dropped_token_output: str = "zeros"  # 'zeros' (paper) | 'hf' (transformers quirk)
-    expert_parallel: bool = True  # use shard_map + all_to_all when the mesh has experts
+    expert_parallel: bool = True  # shard_map per device (all_to_all if mesh.expert > 1); False: GSPMD
 
 
 @dataclasses.dataclass(frozen=True)

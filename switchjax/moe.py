@@ -4,13 +4,18 @@ Letters: B batch, L length, D model dim, F expert hidden dim, E experts,
 K experts per token, G groups, S tokens per group, C capacity.
 
 `MoeLayer` only creates parameters; the computation is the pure function
-`moe_forward`, which runs as is on one device (or under GSPMD), or inside
-`jax.shard_map` when the current mesh has an 'expert' axis > 1:
+`moe_forward`, which runs as is on one device, or, when the current mesh has
+more than one device, inside `jax.shard_map` on each device's own groups:
 
   each device routes its own groups -> buffers [E, G_local, C, D]
   -> all_to_all over 'expert' -> [E_local, G_local·n_expert, C, D]
   -> local experts (hidden dim F split over 'model', psum after wo)
   -> all_to_all back -> combine.
+
+With an 'expert' axis of 1 (pure data parallelism) there is no all_to_all:
+each device runs every expert on its own tokens. (Left to GSPMD, the
+index-based gather and ragged dispatches cannot be partitioned over the
+groups and would be replicated on every device.)
 
 Dropless (ragged) under expert parallelism all-gathers the tokens of the
 expert-axis peers, runs the local experts on the assignments that belong to
@@ -180,11 +185,10 @@ def _ragged_expert_parallel(x_GSD, routing, num_experts, experts_fn, expert_axis
     return jax.lax.psum_scatter(y_all, expert_axis, scatter_dimension=0, tiled=True)
 
 
-def _expert_parallel_mesh(cfg: ModelConfig):
-    """The context mesh if it has an 'expert' axis > 1 and expert parallelism is on."""
+def _manual_mesh(cfg: ModelConfig):
+    """The context mesh if it has more than one device and `moe.expert_parallel` is on."""
     mesh = jax.sharding.get_abstract_mesh()
-    if (not cfg.moe.expert_parallel or mesh.empty or "expert" not in mesh.axis_names
-            or mesh.shape["expert"] == 1):
+    if not cfg.moe.expert_parallel or mesh.empty or mesh.size == 1:
         return None
     return mesh
 
@@ -229,7 +233,7 @@ class MoeLayer(nn.Module):
                                or m.second_expert_policy == "random")
         rng = self.make_rng("dropout") if needs_rng else None
 
-        mesh = _expert_parallel_mesh(cfg)
+        mesh = _manual_mesh(cfg)
         if mesh is None:
             y, stats = moe_forward(params, x_GSD, mask_GS, cfg, train=train, rng=rng)
         else:
@@ -243,7 +247,7 @@ def _sharded_forward(params, x_GSD, mask_GS, cfg, train, rng, mesh):
     shards = 1
     for a in batch_axes:
         shards *= mesh.shape[a]
-    n_expert = mesh.shape["expert"]
+    n_expert = mesh.shape["expert"] if "expert" in mesh.axis_names else 1
     if x_GSD.shape[0] % shards:
         raise ValueError(f"{x_GSD.shape[0]} token groups cannot be split over the {shards} "
                          f"data x expert devices: make batch_size*length/moe.group_size a "
@@ -252,16 +256,17 @@ def _sharded_forward(params, x_GSD, mask_GS, cfg, train, rng, mesh):
         raise ValueError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by the mesh "
                          f"'expert' axis ({n_expert}): change mesh.expert or moe.num_experts")
     model_axis = "model" if "model" in mesh.axis_names and mesh.shape["model"] > 1 else None
-    w_spec = {"router": P(), "wi": P("expert", None, model_axis),
-              "wi_gate": P("expert", None, model_axis), "wo": P("expert", model_axis, None)}
+    expert_axis = "expert" if n_expert > 1 else None
+    w_spec = {"router": P(), "wi": P(expert_axis, None, model_axis),
+              "wi_gate": P(expert_axis, None, model_axis), "wo": P(expert_axis, model_axis, None)}
     param_specs = {k: w_spec[k] for k in params}
     g_spec = P(batch_axes)
     has_rng = rng is not None
 
     def local(params, x, mask, rng):
-        if has_rng:  # independent noise per token shard
+        if has_rng and batch_axes:  # independent noise per token shard
             rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
-        return moe_forward(params, x, mask, cfg, train=train, rng=rng, expert_axis="expert",
+        return moe_forward(params, x, mask, cfg, train=train, rng=rng, expert_axis=expert_axis,
                            model_axis=model_axis, stats_axes=batch_axes)
 
     fn = jax.shard_map(local, mesh=mesh,

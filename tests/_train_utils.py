@@ -85,3 +85,14 @@ def train_cli(*args, timeout=300, **kwargs) -> subprocess.CompletedProcess:
     """`python -m experiments.train ARGS`, captured."""
     return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO,
                           env=env(), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def records(workdir: str, split: str) -> dict:
+    """{step: metrics record} of one split of a run's metrics.jsonl (the last record of a
+    step wins: a resumed run repeats the steps after its checkpoint)."""
+    from switchjax.train import metrics
+    out = {}
+    for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+        if r["split"] == split:
+            out[r["step"]] = r
+    return out

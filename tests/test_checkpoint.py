@@ -12,16 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from _train_utils import REPO, cli_args, env, tiny_config
-from switchjax.train import checkpoint, loop, metrics
-
-
-def _records(workdir, split):
-    out = {}
-    for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
-        if r["split"] == split:
-            out[r["step"]] = r  # the last record of a step wins (resumed runs repeat steps)
-    return out
+from _train_utils import REPO, cli_args, env, records, tiny_config
+from switchjax.train import checkpoint, loop
 
 
 def _assert_same_tree(a, b):
@@ -55,14 +47,14 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.communicate()
-    assert 12 in _records(resumed, "train")  # it really got past the checkpoint
+    assert 12 in records(resumed, "train")  # it really got past the checkpoint
     assert not os.path.exists(os.path.join(resumed, "checkpoints", "20"))
 
     loop.train_and_evaluate(tiny_config(log_every=1), straight)
     loop.train_and_evaluate(tiny_config(log_every=1), resumed)
 
     for split in ("train", "eval"):
-        a, b = _records(straight, split), _records(resumed, split)
+        a, b = records(straight, split), records(resumed, split)
         assert sorted(a) == sorted(b)
         for step in a:
             for key in ("task_loss", "total_loss", "grad_norm", "aux_loss", "accuracy"):

@@ -9,18 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from _train_utils import cli_args, tiny_config, train_cli
+from _train_utils import cli_args, records, tiny_config, train_cli
 from switchjax.config import ConfigError
 from switchjax.train import checkpoint, loop, metrics, optimizer
 from switchjax.train.train_config import get_train_config
-
-
-def _records(workdir, split):
-    out = {}
-    for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
-        if r["split"] == split:
-            out[r["step"]] = r  # the last record of a step wins (resumed runs repeat steps)
-    return out
 
 
 # ----------------------------------------------------------------------------- units
@@ -65,9 +57,9 @@ def test_metric_writer_jsonl_and_tensorboard(tmp_path):
     w = metrics.MetricWriter(str(tmp_path))
     w.write(7, "eval", {"task_loss": 2.0})
     w.close()
-    records = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
-    assert [(r["step"], r["split"]) for r in records] == [(5, "train"), (7, "eval")]
-    assert records[0]["expert_load"] == [[0.25] * 4] * 2
+    lines = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [(r["step"], r["split"]) for r in lines] == [(5, "train"), (7, "eval")]
+    assert lines[0]["expert_load"] == [[0.25] * 4] * 2
     assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
     p = metrics.Progress(0, 100, 1000)
     line = p.line(10, {"task_loss": 3.0, "dropped_fraction": 0.05, **p.update(10)})
@@ -82,11 +74,11 @@ def test_metric_writer_jsonl_and_tensorboard(tmp_path):
 def test_short_run_decreases_eval_loss(family, tmp_path):
     workdir = str(tmp_path / family)
     final = loop.train_and_evaluate(tiny_config(family), workdir)
-    evals = _records(workdir, "eval")
+    evals = records(workdir, "eval")
     assert sorted(evals) == [0, 10, 20]
     assert evals[20]["task_loss"] < evals[0]["task_loss"] - 0.5, evals
     assert final["eval/task_loss"] == pytest.approx(evals[20]["task_loss"])
-    train = _records(workdir, "train")
+    train = records(workdir, "train")
     assert sorted(train) == [5, 10, 15, 20]
     r = train[20]
     for key in ("task_loss", "aux_loss", "router_z_loss", "total_loss", "dropped_fraction",
