@@ -129,8 +129,7 @@ def plot_assignments(layers: Sequence[LayerRouting], num_experts: int,
     chosen = [l for l in layers if l.name.startswith(stack + "/")]
     n = min(max_tokens, int(chosen[0].valid[row].sum()))
     grid = np.stack([np.where(l.reached[row, :n], l.expert[row, :n], -1) for l in chosen])
-    cmap = plt.get_cmap("tab20", num_experts).copy()
-    cmap.set_under("black")
+    cmap = plt.get_cmap("tab20", num_experts).with_extremes(under="black")
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * n), 0.5 * len(chosen) + 1.5))
     im = ax.imshow(grid, cmap=cmap, vmin=-0.5 + 1e-6, vmax=num_experts - 0.5, aspect="auto")
     ax.set_yticks(range(len(chosen)), [l.name for l in chosen])
