@@ -75,6 +75,12 @@ class Tokenizer:
         """Text -> <int32>[N]."""
         return np.asarray(self._sp.encode(text), dtype=np.int32)
 
+    def id_to_piece(self, i: int) -> str:
+        """One id as its SentencePiece piece ('▁' marks a space); sentinels as `<extra_id_i>`."""
+        if i >= self.spm_size:
+            return f"<extra_id_{self.vocab_size - 1 - i}>"
+        return self._sp.id_to_piece(int(i))
+
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text; sentinels become `<extra_id_i>`, pad/eos are dropped."""
         out, run = [], []

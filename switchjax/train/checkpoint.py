@@ -123,12 +123,25 @@ class Checkpointer:
 
 
 def read_state(workdir: str, step: Optional[int] = None) -> tuple[Any, int]:
-    """(state as a tree of numpy arrays, step) of a run's checkpoint, for tests/notebooks."""
-    ckpt = Checkpointer(workdir, max_to_keep=1000, async_save=False)
-    try:
-        step = ckpt.all_steps()[-1] if step is None else step
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))
-        return jax.tree.map(lambda x: jax.device_get(x), restored["state"]), step
-    finally:
-        ckpt.close()
+    """(state as a tree of numpy arrays, step) of a run's checkpoint (default: the newest).
+
+    Restores onto one device, whatever mesh the run was trained on (the saved
+    shardings would need the same devices), for tests, notebooks and the inspector.
+    """
+    directory = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(
+        directory) else []
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no checkpoint. Fix: use the workdir of a "
+                                "run that saved one (train.checkpoint_every, or the end).")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"step {step}: no such checkpoint in {directory}. Fix: use "
+                                f"one of {steps}, or the newest.")
+    step = steps[-1] if step is None else step
+    path = os.path.join(directory, str(step), "state")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              tree)
+        return jax.device_get(checkpointer.restore(path, target)), step

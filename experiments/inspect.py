@@ -1,0 +1,57 @@
+"""Routing inspector for a trained run: which tokens of a text each expert takes.
+
+    python -m experiments.inspect --workdir /tmp/cpu_base --text "def f(x):
+        return x + 1" [--out DIR] [--step N] [--top 5]
+
+Loads the run's config, newest (or --step) checkpoint and tokenizer, runs the
+text through the model once, prints one table per MoE layer (tokens, share,
+dropped, mean gate, top tokens and a context per expert) and writes
+`assignments.png` (tokens x layers, coloured by expert) and `load.png`
+(per-expert share of tokens per layer) into --out (default WORKDIR/inspect).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from switchjax.analysis import inspector
+from switchjax.analysis.run import load_trained, text_batch
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m experiments.inspect",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="run directory (train_and_evaluate)")
+    parser.add_argument("--text", required=True, help="text to route through the model")
+    parser.add_argument("--out", help="directory for the PNGs (default: WORKDIR/inspect)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    parser.add_argument("--top", type=int, default=5, help="top tokens shown per expert")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run = load_trained(args.workdir, args.step)
+        batch = text_batch(run.cfg, run.tokenizer, args.text)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+    if not run.cfg.num_moe_layers:
+        raise SystemExit(f"error: the model of --workdir={args.workdir!r} has no MoE layer "
+                         "(a dense run). Fix: pass the workdir of a Switch run.")
+    layers = inspector.capture_routing(run.cfg, run.params, batch)
+    E = run.cfg.moe.num_experts
+    print(f"{args.workdir} step {run.step}: {run.cfg.family}, {len(layers)} MoE layers x "
+          f"{E} experts, capacity factor {run.cfg.moe.capacity_factor_eval} (eval)")
+    print(inspector.format_report(layers, E, run.token_str, args.top))
+    out = args.out or os.path.join(args.workdir, "inspect")
+    os.makedirs(out, exist_ok=True)
+    paths = os.path.join(out, "assignments.png"), os.path.join(out, "load.png")
+    inspector.plot_assignments(layers, E, run.token_str, paths[0])
+    inspector.plot_load(layers, E, paths[1])
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""A trained run read back for inspection: its config, params and tokenizer; text -> batch.
+
+    run = load_trained(workdir)                       # newest checkpoint
+    batch = text_batch(run.cfg, run.tokenizer, "def f(x):\\n    return x")
+    layers = inspector.capture_routing(run.cfg, run.params, batch)
+    print(inspector.format_report(layers, run.cfg.moe.num_experts, run.token_str))
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import ml_collections
+import numpy as np
+
+from switchjax.config import ModelConfig
+
+CONFIG = "config.json"
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """A run directory's config (`config`, `cfg`), params at `step`, and tokenizer."""
+
+    config: ml_collections.ConfigDict
+    cfg: ModelConfig
+    params: Any
+    step: int
+    tokenizer: Any
+
+    def token_str(self, token: int) -> str:
+        """A token id as its SentencePiece piece ('▁' = space, newline/tab: ↵/⇥); 0 = '<bos>'."""
+        if token == 0:
+            return "<bos>"
+        return self.tokenizer.id_to_piece(token).replace("\n", "↵").replace("\t", "⇥")
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The experiment config `train_and_evaluate` wrote to `workdir/config.json`.
+
+    JSON turns tuples into lists; `data.files` and `mesh.rules` are made tuples again.
+    """
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: --workdir={workdir!r} is not a run directory. Fix: pass "
+            "the --workdir of a run trained with experiments/train.py (train_and_evaluate).")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    with config.ignore_type():
+        config.data.files = tuple(config.data.files)
+        config.mesh.rules = tuple(config.mesh.rules)
+    return config
+
+
+def load_trained(workdir: str, step: Optional[int] = None) -> TrainedRun:
+    """Config, params of checkpoint `step` (default: the newest) and tokenizer of a run."""
+    from switchjax.data import make_tokenizer  # imports tensorflow_datasets: only when needed
+    from switchjax.train.checkpoint import read_state
+
+    config = load_config(workdir)
+    state, step = read_state(workdir, step)
+    return TrainedRun(config=config, cfg=ModelConfig.from_config(config),
+                      params=state["params"], step=step, tokenizer=make_tokenizer(config.data))
+
+
+def text_batch(cfg: ModelConfig, tokenizer, text: str) -> dict:
+    """One row holding `text` (N tokens) in the model's batch format (`data.model_batch`).
+
+    Encoder-decoder: encoder inputs and decoder targets are the text, decoder inputs
+    the targets shifted right (BOS first), as in teacher forcing; decoder-only: the
+    decoder alone. All arrays are <int32>[1, N'] (<float32> loss weights), N' = N
+    padded up to a multiple of `moe.group_size` (padding has segment id 0).
+    """
+    from switchjax.data import model_batch
+
+    ids = np.asarray(tokenizer.encode(text), np.int32)
+    if not text.strip() or ids.size == 0:
+        raise ValueError("--text is empty. Fix: pass some text, e.g. --text 'def f(x): "
+                         "return x + 1'.")
+    S = cfg.moe.group_size
+    n = -(-ids.size // S) * S if S else ids.size
+    row = {suffix: np.zeros((1, n), np.int32) for suffix in ("", "_segment_ids", "_positions")}
+    row[""][0, :ids.size], row["_segment_ids"][0, :ids.size] = ids, 1
+    row["_positions"][0, :ids.size] = np.arange(ids.size)
+    features = ["targets"] + (["inputs"] if cfg.family == "encoder_decoder" else [])
+    rows = {f + suffix: v for f in features for suffix, v in row.items()}
+    return model_batch(rows)

@@ -1,0 +1,58 @@
+"""experiments/inspect.py on a tiny trained run: tables, PNGs and errors."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from _train_utils import tiny_config
+from experiments import inspect as inspect_cli
+from switchjax.config import ModelConfig
+from switchjax.data import make_tokenizer
+from switchjax.train import train_and_evaluate
+from switchjax.train.loop import moe_layer_names
+
+TEXT = "def add(x, y):\n    return x + y  # The sum of two numbers."
+
+
+def _config():
+    return tiny_config(num_train_steps=4, eval_every=4, checkpoint_every=4, eval_steps=1,
+                       log_every=4)
+
+
+@pytest.mark.slow
+def test_inspect_trained_run(tmp_path, capsys):
+    config = _config()
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(config, workdir)
+    capsys.readouterr()
+    inspect_cli.main(["--workdir", workdir, "--text", TEXT, "--out", str(tmp_path / "png"),
+                      "--top", "3"])
+    out = capsys.readouterr().out
+
+    n_text = len(make_tokenizer(config.data).encode(TEXT))
+    num_experts = config.moe.num_experts
+    sections = re.split(r"^== ", out, flags=re.M)[1:]
+    names = [s.split(":")[0] for s in sections]
+    assert names == [f"{stack}/layer_{i}" for stack, i in moe_layer_names(
+        ModelConfig.from_config(config))]
+    for section in sections:
+        header, _, *rows = section.splitlines()[:2 + num_experts]
+        assert int(re.search(r": (\d+) tokens", header).group(1)) == n_text
+        assert [int(r.split()[0]) for r in rows] == list(range(num_experts))
+        assert sum(int(r.split()[1]) for r in rows) == n_text
+    for name in ("assignments.png", "load.png"):
+        assert (tmp_path / "png" / name).stat().st_size > 0
+
+    with pytest.raises(SystemExit, match="--text is empty"):
+        inspect_cli.main(["--workdir", workdir, "--text", " \n"])
+    with pytest.raises(SystemExit, match="step 3: no such checkpoint"):
+        inspect_cli.main(["--workdir", workdir, "--text", TEXT, "--step", "3"])
+
+
+def test_inspect_errors_name_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match="config.json does not exist: --workdir="):
+        inspect_cli.main(["--workdir", str(tmp_path), "--text", TEXT])
+    (tmp_path / "config.json").write_text(_config().to_json_best_effort())
+    with pytest.raises(SystemExit, match="holds no checkpoint. Fix: use the workdir"):
+        inspect_cli.main(["--workdir", str(tmp_path), "--text", TEXT])
