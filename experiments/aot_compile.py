@@ -20,7 +20,7 @@ each phase and the peak host RSS.
 On a CPU host the devices are `--num_devices` simulated host devices (set
 before JAX starts); on a TPU/GPU host the first prod(--mesh) real devices.
 Measured on the 2-core, 24 GiB CPU machine (Switch-Base, 1,8,1, batch 8 x
-(512, 114)): see switchjax/PARALLELISM_README_SECTION.md.
+(512, 114)): see README.md, "Ahead-of-time compile".
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@
     batch = next(it)                   # this host's rows; keys in packing.model_batch
     state = it.get_state()             # it.set_state(state) resumes exactly
 
-See pipeline.py for the data flow and README_SECTION.md for preparing C4.
+See pipeline.py for the data flow and README.md ("Data") for preparing C4.
 """
 from switchjax.data.config import get_data_config, validate_data_config
 from switchjax.data.corpus import prepare_embedded_corpus
