@@ -14,6 +14,7 @@ from its checkpoints. All variants are validated before the first one runs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -61,17 +62,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
         if leaf not in node:
             raise ConfigError(f"sweep override {key!r}: unknown field. Fix: use one of "
                               f"{sorted(node.keys())}.")
-        with node.ignore_type() if isinstance(value, (list, tuple)) else _nullcontext():
+        with node.ignore_type() if isinstance(value, (list, tuple)) else contextlib.nullcontext():
             node[leaf] = value
     return config
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: str,
