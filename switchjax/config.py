@@ -190,6 +190,11 @@ class ModelConfig:
                   "future tokens, so it cannot run in a causal decoder",
                   "use a token-choice router, or set model.decoder_moe_layers='none' "
                   "(encoder-decoder only)")
+        if m.batch_prioritized and m.router != "dropless" and self.moe_layer_indices("decoder"):
+            _fail("moe.batch_prioritized", m.batch_prioritized,
+                  "batch-prioritized routing gives slots by router probability over the whole "
+                  "group, so a later token can take an earlier token's slot: not causal in a "
+                  "decoder", "set it False, or model.decoder_moe_layers='none'")
 
 
 def parse_layer_spec(spec: str, num_layers: int, field: str) -> tuple[int, ...]:

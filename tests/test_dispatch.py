@@ -140,7 +140,8 @@ def test_einsum_equals_gather_with_drops(router, k, bpr, cf):
     cot = jnp.asarray(rng.normal(size=(G, S, D)), jnp.float32)
     results = {}
     for dispatch in ("einsum", "gather"):
-        extra = {"model.decoder_moe_layers": "none"} if router == "expert_choice" else {}
+        # Expert choice and BPR are not causal: encoder layers only.
+        extra = {"model.decoder_moe_layers": "none"} if router == "expert_choice" or bpr else {}
         cfg = make_cfg(**{"moe.router": router, "moe.num_selected_experts": k,
                           "moe.dispatch": dispatch, "moe.batch_prioritized": bpr,
                           "moe.capacity_factor_eval": cf, "model.d_model": D, "model.d_ff": F},

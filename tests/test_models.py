@@ -206,7 +206,7 @@ def test_padding_takes_no_capacity_from_real_tokens():
 
 ROUTERS = {"top1": {"moe.router": "top1", "moe.dispatch": "einsum"},
            "top2": {"moe.router": "topk", "moe.num_selected_experts": 2,
-                    "moe.dispatch": "gather", "moe.batch_prioritized": True},
+                    "moe.dispatch": "gather"},
            "expert_choice": {"moe.router": "expert_choice", "moe.dispatch": "gather",
                              "model.decoder_moe_layers": "none",
                              "model.encoder_moe_layers": "all"},

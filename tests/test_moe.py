@@ -155,7 +155,7 @@ def _case_cfg(router, k, E, D, F, cf, bpr, activation, dispatch="einsum", **extr
               "moe.dispatch": "ragged" if router == "dropless" else dispatch,
               "moe.capacity_factor_eval": cf, "moe.capacity_factor_train": cf,
               "moe.batch_prioritized": bpr}
-    if router == "expert_choice":
+    if router == "expert_choice" or bpr:  # not causal: encoder layers only
         fields["model.decoder_moe_layers"] = "none"
     fields.update(extra)
     return make_cfg(**fields)
