@@ -9,6 +9,13 @@ Runtime: 4 variants x ~2 min on a quiet 2-core CPU (each is the cpu_default
 run: 600 steps, measured 1 min 56 s), ~2.5x more on a busy one; `:smoke`
 runs 30 tiny steps per variant (~15-20 s each). The expectation above is the
 paper's; on this tiny model and short run the gaps can be small or noisy.
+
+Measured (this sweep, 600 steps each, 2-core CPU shared with other jobs, 2-3.5 min per
+variant): alpha 0 / 1e-3 / 1e-2 / 1e-1: aux loss at the end (summed over the 2 MoE layers,
+2.0 = uniform) 2.67 / 2.39 / 2.08 / 2.02, train dropped 28.8% / 19.6% / 12.4% / 10.1%,
+eval dropped 11.2% / 3.1% / 0.6% / 0.5%, eval loss 4.417 / 4.412 / 4.439 / 4.457. The
+balancing works as in the paper; the task-loss differences (< 0.05) are within this tiny
+model's noise, slightly favouring less balancing here.
 """
 from configs import common, cpu_base
 

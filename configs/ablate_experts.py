@@ -9,6 +9,11 @@ Runtime: 5 variants x ~2 min on a quiet 2-core CPU (each is the cpu_default
 run: 600 steps, measured 1 min 56 s), ~2.5x more on a busy one; `:smoke`
 runs 30 tiny steps per variant (~15-20 s each). The expectation above is the
 paper's; on this tiny model and short run the gaps can be small or noisy.
+
+Measured with the same variants shortened to 300 steps (colab/capacity_and_experts.ipynb,
+shared 2-core CPU): 1 (dense) / 2 / 4 / 8 / 16 experts: eval loss 4.717 / 4.691 / 4.659 /
+4.711 / 4.753 at 1.44M FLOPs/token each (3.0M to 7.0M parameters): better up to 4 experts,
+worse beyond, where each expert sees few tokens in so short a run.
 """
 from configs import common, cpu_base
 

@@ -11,8 +11,7 @@ capacity).
 
 Runtime: 4 variants x ~2 min on a quiet 2-core CPU (each is the cpu_default
 run: 600 steps, measured 1 min 56 s), ~2.5x more on a busy one; `:smoke`
-runs 30 tiny steps per variant (~15-20 s each). The expectation above is the
-paper's; on this tiny model and short run the gaps can be small or noisy.
+runs 30 tiny steps per variant (~15-20 s each).
 
 Expected (paper and GShard): top-2 and dropless a little better than top-1 per step,
 expert choice competitive. Measured (this sweep, 600 steps each, 2-core CPU shared with
