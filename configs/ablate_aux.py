@@ -7,8 +7,7 @@ dropped tokens); the paper's 1e-2 balances without hurting the task loss.
 
 Runtime: 4 variants x ~2 min on a quiet 2-core CPU (each is the cpu_default
 run: 600 steps, measured 1 min 56 s), ~2.5x more on a busy one; `:smoke`
-runs 30 tiny steps per variant (~15-20 s each). The expectation above is the
-paper's; on this tiny model and short run the gaps can be small or noisy.
+runs 30 tiny steps per variant (~15-20 s each).
 
 Measured (this sweep, 600 steps each, 2-core CPU shared with other jobs, 2-3.5 min per
 variant): alpha 0 / 1e-3 / 1e-2 / 1e-1: aux loss at the end (summed over the 2 MoE layers,

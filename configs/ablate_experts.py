@@ -7,8 +7,7 @@ at equal FLOPs per token: eval loss should improve with more experts.
 
 Runtime: 5 variants x ~2 min on a quiet 2-core CPU (each is the cpu_default
 run: 600 steps, measured 1 min 56 s), ~2.5x more on a busy one; `:smoke`
-runs 30 tiny steps per variant (~15-20 s each). The expectation above is the
-paper's; on this tiny model and short run the gaps can be small or noisy.
+runs 30 tiny steps per variant (~15-20 s each).
 
 Measured with the same variants shortened to 300 steps (colab/capacity_and_experts.ipynb,
 shared 2-core CPU): 1 (dense) / 2 / 4 / 8 / 16 experts: eval loss 4.717 / 4.691 / 4.659 /
