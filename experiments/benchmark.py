@@ -3,7 +3,7 @@ Switch vs FLOP-matched dense models, scaling in experts and tokens, expert-paral
 overhead (8 simulated host devices) and memory. Writes results.md, results.json and
 scaling.png into --out.
 
-    python -m experiments.benchmark --out /tmp/bench            # ~10 min on a 2-core CPU
+    python -m experiments.benchmark --out /tmp/bench            # 4-8 min on a 2-core CPU
     python -m experiments.benchmark --out /tmp/bench --smoke    # ~20 s, tiny sizes, 1 rep
     python -m experiments.benchmark --out /tmp/bench --sections layer,model --reps 9
 
