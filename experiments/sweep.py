@@ -6,11 +6,10 @@
 One subdirectory per variant (named after its overrides); finished variants
 are skipped on a rerun; `--config.field=value` changes the base of all variants.
 """
-import logging as std_logging
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from switchjax.train.metrics import setup_console_logging
 from switchjax.train.sweep import load_sweep, run_sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]) "
@@ -22,9 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    for noisy in ("absl", "orbax", "jax", "tensorflow_datasets"):
-        std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
+    setup_console_logging()
     path = config_flags.get_config_filename(flags.FLAGS["config"])
     run_sweep(_CONFIG.value, load_sweep(path)(), _WORKDIR.value, title=path)
 

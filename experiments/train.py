@@ -7,12 +7,11 @@
 The config is locked: a misspelled `--config.field=value` is an error. Rerunning
 with the same --workdir resumes from its newest readable checkpoint.
 """
-import logging as std_logging
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from switchjax.train import train_and_evaluate
+from switchjax.train.metrics import setup_console_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).",
                                           lock_config=True)
@@ -23,9 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    for noisy in ("absl", "orbax", "jax", "tensorflow_datasets"):
-        std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
+    setup_console_logging()
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

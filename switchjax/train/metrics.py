@@ -140,3 +140,13 @@ class Progress:
         parts.append(f"{tps:,.0f} tok/s" if math.isfinite(tps) else "? tok/s")
         parts.append(f"ETA {_duration(eta)}")
         return " | ".join(parts)
+
+
+def setup_console_logging() -> None:
+    """INFO from switchjax's own absl logging; only warnings from the chatty libraries."""
+    import logging as std_logging
+
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.INFO)
+    for noisy in ("absl", "orbax", "jax", "tensorflow_datasets"):
+        std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
