@@ -48,6 +48,11 @@ def test_smoke_run_writes_results(tmp_path):
     assert all(r["step_s"] > 0 and r["step_compile_s"] > 0 for r in saved["scaling"]["experts"])
     assert [r["multiplier"] for r in saved["scaling"]["tokens"]] == list(
         benchmark.SIZES["smoke"]["token_multipliers"])
+    big = saved["scaling"]["experts_at_most_tokens"]
+    smoke = benchmark.SIZES["smoke"]
+    assert (big["experts"], big["multiplier"]) == (smoke["experts"][-1],
+                                                   smoke["token_multipliers"][-1])
+    assert big["step_vs_first"] > 0
     ep = {r["mesh"]["expert"]: r for r in saved["expert_parallel"]}
     assert set(ep) == {1, 8}
     assert ep[8]["collectives"]["all-to-all"]["count"] > 0
