@@ -50,8 +50,8 @@ def take_rows(x_ND: jax.Array, idx_M: jax.Array, inv_NR: jax.Array) -> jax.Array
 
 
 def _take_rows(x_ND, idx_M):
-    x_pad = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])
-    return jnp.take(x_pad, idx_M, axis=0, mode="clip", unique_indices=False)
+    """x[idx] along axis 0, zero rows where idx is out of range (the sentinels)."""
+    return jnp.take(x_ND, idx_M, axis=0, mode="fill", fill_value=0)
 
 
 def _take_rows_fwd(x_ND, idx_M, inv_NR):
@@ -144,90 +144,97 @@ def ragged_apply(x_GSD: jax.Array, routing: Routing, num_experts: int,
 # --- grouped matmul (ragged_dot) for the dropless experts ------------------------------
 #
 # `jax.lax.ragged_dot` lowers to a native kernel on TPU/GPU, but XLA:CPU expands it to a
-# dense [E, M, K] masked product: E times the FLOPs. On CPU `ragged_dot` below instead
-# walks the sorted rows in tiles of `tile` rows (each tile inside one group, the group's
-# last tile masked) in a while loop, so the cost is ~M + E·tile/2 rows, not E·M.
+# dense [E, M, K] masked product: E times the FLOPs. On CPU `bulk_ragged_dot` below runs
+# the first `capacity` rows of every group as one batched matmul [E, C, K] x [E, K, N]
+# (XLA:CPU's fast path) and the rows past them in a loop over row tiles of one group
+# each. The loop's carry is the batched result, updated in place: no other temporary.
 
-def _tile_plan(group_sizes: jax.Array, num_rows: int, tile: int):
-    """Tiles covering each group's rows in order: (count, expert, first row, valid rows).
+def _bulk_plan(group_sizes: jax.Array, num_rows: int, capacity: int, tile: int):
+    """Index maps between the sorted rows <[M]> and the bulk slots <[E·C]>, and the tiles
+    covering each group's overflow rows (its rows past the first C).
 
-    The three arrays have the static length num_rows // tile + E (an upper bound on
-    Σ_e ceil(group_sizes[e] / tile)); entries past `count` are unused.
+    Returns slot_row <[E·C]> (sentinel M), row_slot <[M]> (sentinel E·C) and the tiles
+    (count, group, first row read, first overflow row, end): each tile reads and writes
+    rows [first, first + tile) and keeps those in [lo, end); entries past count are unused.
     """
-    E = group_sizes.shape[0]
+    E, M, C, T = group_sizes.shape[0], num_rows, capacity, tile
     gs = group_sizes.astype(jnp.int32)
-    tiles = (gs + tile - 1) // tile
-    ends = jnp.cumsum(tiles)
-    i = jnp.arange(num_rows // tile + E, dtype=jnp.int32)
-    e = jnp.minimum(jnp.searchsorted(ends, i, side="right"), E - 1).astype(jnp.int32)
-    row0 = (jnp.cumsum(gs) - gs)[e] + (i - (ends - tiles)[e]) * tile
-    valid = jnp.clip((jnp.cumsum(gs))[e] - row0, 0, tile)
-    return ends[-1], e, row0, valid
+    ends = jnp.cumsum(gs)
+    starts = ends - gs
+    c = jnp.arange(C, dtype=jnp.int32)
+    slot_row = jnp.where(c < gs[:, None], starts[:, None] + c, M).reshape(-1)
+    m = jnp.arange(M, dtype=jnp.int32)
+    e = jnp.minimum(jnp.searchsorted(ends, m, side="right"), E - 1).astype(jnp.int32)
+    pos = m - starts[e]
+    row_slot = jnp.where(pos < jnp.minimum(gs[e], C), e * C + pos, E * C)
+    over = jnp.maximum(gs - C, 0)
+    tiles = (over + T - 1) // T
+    tile_end = jnp.cumsum(tiles)
+    i = jnp.arange((M + E * (T - 1)) // T, dtype=jnp.int32)  # >= Σ_e ceil(over_e / T)
+    te = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), E - 1).astype(jnp.int32)
+    lo = starts[te] + C + (i - (tile_end - tiles)[te]) * T
+    hi = jnp.minimum(lo + T, ends[te])
+    return slot_row, row_slot, (tile_end[-1], te, jnp.minimum(lo, M - T), lo, hi)
 
 
-def _varying_like(a: jax.Array, *refs: jax.Array) -> jax.Array:
-    """`a` plus scalar zeros shaped like `refs`: inside shard_map a loop carry must vary
-    over the same manual mesh axes as the values the loop body adds to it."""
-    for r in refs:
-        a = a + jnp.zeros_like(r, shape=()).astype(a.dtype)
-    return a
-
-
-def _tiled_gmm(x_MK, w_EKN, group_sizes, tile: int, transpose_w: bool):
-    """y[m] = x[m] @ w[e(m)] (or @ w[e(m)].T), zero for rows past the groups."""
-    M, K = x_MK.shape
-    N = w_EKN.shape[-2] if transpose_w else w_EKN.shape[-1]
-    count, expert, row0, valid = _tile_plan(group_sizes, M, tile)
-    x_pad = jnp.pad(x_MK, ((0, tile), (0, 0)))
-    rows = jnp.arange(tile)[:, None]
+def _overflow_gmm(out_MN, x_MK, w_EKN, tiles, tile: int, transpose_w: bool):
+    """out[m] = x[m] @ w[e] (or @ w[e].T) for the overflow rows m of group e, in place."""
+    count, expert, row0, lo, hi = tiles
+    r = jnp.arange(tile, dtype=jnp.int32)[:, None]
 
     def body(i, out):
         w = jax.lax.dynamic_index_in_dim(w_EKN, expert[i], 0, keepdims=False).astype(x_MK.dtype)
-        y = jax.lax.dynamic_slice_in_dim(x_pad, row0[i], tile, 0) @ (w.T if transpose_w else w)
+        y = jax.lax.dynamic_slice_in_dim(x_MK, row0[i], tile, 0) @ (w.T if transpose_w else w)
+        keep = (row0[i] + r >= lo[i]) & (row0[i] + r < hi[i])
         old = jax.lax.dynamic_slice_in_dim(out, row0[i], tile, 0)
-        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(rows < valid[i], y, old),
-                                                   row0[i], 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y, old), row0[i], 0)
 
-    out = _varying_like(jnp.zeros((M + tile, N), x_MK.dtype), x_MK, w_EKN, group_sizes)
-    return jax.lax.fori_loop(0, count, body, out)[:M]
+    return jax.lax.fori_loop(0, count, body, out_MN)
 
 
-def _tiled_tgmm(x_MK, dy_MN, group_sizes, tile: int, w_dtype):
-    """dw[e] = Σ_{m in group e} x[m]^T dy[m], <[E, K, N]>."""
-    M, K = x_MK.shape
-    N = dy_MN.shape[-1]
-    count, expert, row0, valid = _tile_plan(group_sizes, M, tile)
-    x_pad = jnp.pad(x_MK, ((0, tile), (0, 0)))
-    dy_pad = jnp.pad(dy_MN, ((0, tile), (0, 0)))
-    rows = jnp.arange(tile)[:, None]
+def _overflow_tgmm(dw_EKN, x_MK, dy_MN, tiles, tile: int):
+    """dw[e] += Σ_{overflow rows m of group e} x[m]^T dy[m], in place."""
+    count, expert, row0, lo, hi = tiles
+    r = jnp.arange(tile, dtype=jnp.int32)[:, None]
 
     def body(i, dw):
-        x = jnp.where(rows < valid[i], jax.lax.dynamic_slice_in_dim(x_pad, row0[i], tile, 0), 0)
-        dy = jax.lax.dynamic_slice_in_dim(dy_pad, row0[i], tile, 0)
+        keep = (row0[i] + r >= lo[i]) & (row0[i] + r < hi[i])
+        x = jnp.where(keep, jax.lax.dynamic_slice_in_dim(x_MK, row0[i], tile, 0), 0)
+        dy = jax.lax.dynamic_slice_in_dim(dy_MN, row0[i], tile, 0)
         g = jnp.einsum("mk,mn->kn", x, dy, preferred_element_type=dw.dtype)
         cur = jax.lax.dynamic_index_in_dim(dw, expert[i], 0, keepdims=True)
-        return jax.lax.dynamic_update_index_in_dim(dw, cur + g[None],
-                                                   expert[i], 0)
+        return jax.lax.dynamic_update_index_in_dim(dw, cur + g[None], expert[i], 0)
 
-    acc_dtype = jnp.promote_types(jnp.promote_types(w_dtype, x_MK.dtype), jnp.float32)
-    dw = _varying_like(jnp.zeros((group_sizes.shape[0], K, N), acc_dtype), x_MK, dy_MN,
-                       group_sizes)
-    return jax.lax.fori_loop(0, count, body, dw).astype(w_dtype)
+    return jax.lax.fori_loop(0, count, body, dw_EKN)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def tiled_ragged_dot(x_MK: jax.Array, w_EKN: jax.Array, group_sizes: jax.Array,
-                     tile: int = 128) -> jax.Array:
-    """`jax.lax.ragged_dot(x, w, group_sizes)` as a loop over row tiles (for CPU).
+def bulk_ragged_dot(x_MK: jax.Array, w_EKN: jax.Array, group_sizes: jax.Array,
+                    capacity: int, tile: int) -> jax.Array:
+    """`jax.lax.ragged_dot(x, w, group_sizes)` for CPU: a batched matmul over the first
+    `capacity` rows of each group and a tiled loop over the rest. Exact for any sizes;
+    fastest when most rows fit (capacity ~ M / E for balanced groups).
 
-    x_MK: <[M, K]> rows sorted by group; w_EKN: <[E, K, N]>; group_sizes: <int32>[E].
-    Returns <[M, N]> in x's dtype, zeros for rows past Σ group_sizes.
+    x_MK: <[M, K]> rows sorted by group; w_EKN: <[E, K, N]>; group_sizes: <int32>[E];
+    capacity >= 1. Returns <[M, N]> in x's dtype, zeros for rows past Σ group_sizes.
     """
-    return _tiled_gmm(x_MK, w_EKN, group_sizes, tile, False)
+    if capacity < 1:
+        raise ValueError(f"bulk_ragged_dot: capacity must be >= 1, got {capacity}")
+    return _bulk_ragged_dot(x_MK, w_EKN, group_sizes, capacity, min(tile, x_MK.shape[0]))
 
 
-def _tiled_ragged_dot_fwd(x_MK, w_EKN, group_sizes, tile):
-    return _tiled_gmm(x_MK, w_EKN, group_sizes, tile, False), (x_MK, w_EKN, group_sizes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bulk_ragged_dot(x_MK, w_EKN, group_sizes, capacity: int, tile: int):
+    return _bulk_fwd(x_MK, w_EKN, group_sizes, capacity, tile)[0]
+
+
+def _bulk_fwd(x_MK, w_EKN, group_sizes, capacity, tile):
+    (M, K), (E, _, N) = x_MK.shape, w_EKN.shape
+    slot_row, row_slot, tiles = _bulk_plan(group_sizes, M, capacity, tile)
+    x_ECK = _take_rows(x_MK, slot_row).reshape(E, capacity, K)
+    y_ECN = jnp.einsum("eck,ekn->ecn", x_ECK, w_EKN.astype(x_MK.dtype))
+    y = _overflow_gmm(_take_rows(y_ECN.reshape(E * capacity, N), row_slot), x_MK, w_EKN, tiles,
+                      tile, False)
+    return y, (x_MK, w_EKN, x_ECK, slot_row, row_slot, tiles, group_sizes)
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -243,21 +250,31 @@ def _sum_to_axes_of(ct: jax.Array, primal: jax.Array) -> jax.Array:
     return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
-def _tiled_ragged_dot_bwd(tile, res, dy_MN):
-    x_MK, w_EKN, group_sizes = res
-    dx = _sum_to_axes_of(_tiled_gmm(dy_MN, w_EKN, group_sizes, tile, True), x_MK)
-    dw = _sum_to_axes_of(_tiled_tgmm(x_MK, dy_MN, group_sizes, tile, w_EKN.dtype), w_EKN)
-    return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
+def _bulk_bwd(capacity, tile, res, dy_MN):
+    x_MK, w_EKN, x_ECK, slot_row, row_slot, tiles, group_sizes = res
+    (M, K), (E, _, N) = x_MK.shape, w_EKN.shape
+    dy_ECN = _take_rows(dy_MN, slot_row).reshape(E, capacity, N)
+    dx_ECK = jnp.einsum("ecn,ekn->eck", dy_ECN, w_EKN.astype(dy_MN.dtype))
+    dx = _overflow_gmm(_take_rows(dx_ECK.reshape(E * capacity, K), row_slot), dy_MN, w_EKN, tiles,
+                       tile, True)
+    acc = jnp.promote_types(jnp.promote_types(w_EKN.dtype, x_MK.dtype), jnp.float32)
+    dw = jnp.einsum("eck,ecn->ekn", x_ECK, dy_ECN, preferred_element_type=acc)
+    dw = _overflow_tgmm(dw, x_MK, dy_MN, tiles, tile).astype(w_EKN.dtype)
+    return (_sum_to_axes_of(dx.astype(x_MK.dtype), x_MK), _sum_to_axes_of(dw, w_EKN),
+            np.zeros(group_sizes.shape, jax.dtypes.float0))
 
 
-tiled_ragged_dot.defvjp(_tiled_ragged_dot_fwd, _tiled_ragged_dot_bwd)
+_bulk_ragged_dot.defvjp(_bulk_fwd, _bulk_bwd)
 
 
 def ragged_dot(x_MK: jax.Array, w_EKN: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Grouped matmul: `jax.lax.ragged_dot` on TPU/GPU, `tiled_ragged_dot` on CPU."""
-    M = x_MK.shape[0]
-    tile = max(8, min(128, 1 << max(M - 1, 1).bit_length()))  # <= 128, no bigger than M
+    """Grouped matmul: `jax.lax.ragged_dot` on TPU/GPU, `bulk_ragged_dot` on CPU with
+    capacity M / E (balanced groups fit) and overflow tiles of about an eighth of that
+    (measured at M = 2048, E = 8: tiles of 32 rows beat 16 and 64)."""
+    M, E = x_MK.shape[0], w_EKN.shape[0]
+    capacity = -(-M // E)
+    tile = max(8, min(128, 1 << max(capacity // 8 - 1, 1).bit_length()))
     return jax.lax.platform_dependent(
         x_MK, w_EKN, group_sizes,
-        cpu=functools.partial(tiled_ragged_dot, tile=tile),
+        cpu=functools.partial(bulk_ragged_dot, capacity=capacity, tile=tile),
         default=jax.lax.ragged_dot)

@@ -200,10 +200,16 @@ def test_all_three_paths_agree_without_drops(k):
     assert np.all(y_ref[~np.asarray(mask)] == 0.0)
 
 
-@pytest.mark.parametrize("sizes,tile", [((5, 0, 9, 3), 4), ((0, 0, 17, 0), 8), ((1, 2, 3, 4), 128)])
-def test_tiled_ragged_dot_matches_per_group_matmul(sizes, tile):
-    """The CPU grouped matmul: forward and both gradients equal a per-group loop,
-    rows past Σ group_sizes give zeros, empty groups get zero weight gradients."""
+@pytest.mark.parametrize("sizes,capacity,tile", [
+    ((5, 0, 9, 3), 1, 4),     # nearly all rows in the tiled loop
+    ((5, 0, 9, 3), 4, 4),     # bulk + overflow, some overflow tiles partial
+    ((5, 0, 9, 3), 9, 8),     # everything fits: no loop iteration
+    ((0, 0, 17, 0), 3, 8),    # one group takes every row; tiles clamped at the end
+    ((1, 2, 3, 4), 2, 16)])   # tile > rows of any group
+def test_bulk_ragged_dot_matches_per_group_matmul(sizes, capacity, tile):
+    """The CPU grouped matmul: forward and both gradients equal a per-group loop for any
+    split between the batched part and the overflow loop; rows past Σ group_sizes give
+    zeros, empty groups get zero weight gradients."""
     rng = np.random.default_rng(4)
     M, K, N = sum(sizes) + 3, 5, 6  # 3 rows past the groups (dropped assignments)
     x = jnp.asarray(rng.normal(size=(M, K)), jnp.float32)
@@ -220,10 +226,10 @@ def test_tiled_ragged_dot_matches_per_group_matmul(sizes, tile):
     def loss(f):
         return lambda x, w: jnp.sum(f(x, w) * dy)
 
-    tiled = jax.jit(lambda x, w: dispatch_lib.tiled_ragged_dot(x, w, gs, tile))
-    np.testing.assert_allclose(tiled(x, w), naive(x, w), **TOL)
+    bulk = lambda x, w: dispatch_lib.bulk_ragged_dot(x, w, gs, capacity, tile)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(bulk)(x, w), naive(x, w), **TOL)
     np.testing.assert_allclose(dispatch_lib.ragged_dot(x, w, gs), naive(x, w), **TOL)
-    got = jax.grad(loss(lambda x, w: dispatch_lib.tiled_ragged_dot(x, w, gs, tile)), (0, 1))(x, w)
+    got = jax.jit(jax.grad(loss(bulk), (0, 1)))(x, w)
     want = jax.grad(loss(naive), (0, 1))(x, w)
     for g, h in zip(got, want):
         np.testing.assert_allclose(g, h, **TOL)
