@@ -267,12 +267,16 @@ def _bulk_bwd(capacity, tile, res, dy_MN):
 _bulk_ragged_dot.defvjp(_bulk_fwd, _bulk_bwd)
 
 
-def ragged_dot(x_MK: jax.Array, w_EKN: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Grouped matmul: `jax.lax.ragged_dot` on TPU/GPU, `bulk_ragged_dot` on CPU with
-    capacity M / E (balanced groups fit) and overflow tiles of about an eighth of that
-    (measured at M = 2048, E = 8: tiles of 32 rows beat 16 and 64)."""
+def ragged_dot(x_MK: jax.Array, w_EKN: jax.Array, group_sizes: jax.Array,
+               balanced_rows: int | None = None) -> jax.Array:
+    """Grouped matmul: `jax.lax.ragged_dot` on TPU/GPU, `bulk_ragged_dot` on CPU.
+
+    On CPU the batched part takes `balanced_rows` per group (default M / E; pass the
+    expected rows per group when most of the M rows belong to no group) and the
+    overflow tiles about an eighth of that (at M = 2048, E = 8: 32 rows beat 16 and 64).
+    """
     M, E = x_MK.shape[0], w_EKN.shape[0]
-    capacity = -(-M // E)
+    capacity = balanced_rows or -(-M // E)
     tile = max(8, min(128, 1 << max(capacity // 8 - 1, 1).bit_length()))
     return jax.lax.platform_dependent(
         x_MK, w_EKN, group_sizes,

@@ -139,10 +139,15 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
         return jax.lax.psum(y, model_axis) if model_axis else y
 
     if m.router == "dropless":
+        # Rows one expert gets when the load is balanced (expert parallel: of all n
+        # devices' tokens); the CPU grouped matmul sizes its batched part by it.
+        n = jax.lax.axis_size(expert_axis) if expert_axis else 1
+        balanced = -(-n * G * S * routing.expert_index.shape[-1] // E)
+
         def experts_fn(x_MD, group_sizes):
-            return finish(expert_hidden(params, x_MD, cfg.activation, m.expert_dropout,
-                                        lambda a, w: dispatch_lib.ragged_dot(a, w, group_sizes),
-                                        dropout_rng))
+            return finish(expert_hidden(
+                params, x_MD, cfg.activation, m.expert_dropout,
+                lambda a, w: dispatch_lib.ragged_dot(a, w, group_sizes, balanced), dropout_rng))
         with jax.named_scope("dropless_experts"):
             if expert_axis is None:
                 y = dispatch_lib.ragged_apply(x_GSD, routing, E, experts_fn)
