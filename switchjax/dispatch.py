@@ -252,7 +252,7 @@ def _sum_to_axes_of(ct: jax.Array, primal: jax.Array) -> jax.Array:
 
 def _bulk_bwd(capacity, tile, res, dy_MN):
     x_MK, w_EKN, x_ECK, slot_row, row_slot, tiles, group_sizes = res
-    (M, K), (E, _, N) = x_MK.shape, w_EKN.shape
+    (E, K, N) = w_EKN.shape
     dy_ECN = _take_rows(dy_MN, slot_row).reshape(E, capacity, N)
     dx_ECK = jnp.einsum("ecn,ekn->eck", dy_ECN, w_EKN.astype(dy_MN.dtype))
     dx = _overflow_gmm(_take_rows(dx_ECK.reshape(E * capacity, K), row_slot), dy_MN, w_EKN, tiles,
