@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from switchjax import dispatch as dispatch_lib
+from switchjax import dropless_cpu
 from switchjax import routing as routing_lib
 from switchjax.config import ModelConfig
 
@@ -140,19 +141,26 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
 
     if m.router == "dropless":
         # Rows one expert gets when the load is balanced (expert parallel: of all n
-        # devices' tokens); the CPU grouped matmul sizes its batched part by it.
+        # devices' tokens): the CPU path's batched part has that many per expert.
         n = jax.lax.axis_size(expert_axis) if expert_axis else 1
         balanced = -(-n * G * S * routing.expert_index.shape[-1] // E)
+        mlp = functools.partial(_expert_mlp, activation=cfg.activation, rate=m.expert_dropout)
+        weights = {k: params[k] for k in ("wi", "wi_gate", "wo") if k in params}
 
-        def experts_fn(x_MD, group_sizes):
-            return finish(expert_hidden(
-                params, x_MD, cfg.activation, m.expert_dropout,
-                lambda a, w: dispatch_lib.ragged_dot(a, w, group_sizes, balanced), dropout_rng))
+        def apply_fn(x, r, num_experts):  # TPU/GPU: grouped matmuls; CPU: dropless_cpu
+            def grouped(x):
+                return dispatch_lib.ragged_apply(x, r, num_experts, lambda x_MD, sizes: mlp(
+                    weights, x_MD, lambda a, w: jax.lax.ragged_dot(a, w, sizes), dropout_rng))
+
+            def cpu(x):
+                return dropless_cpu.bulk_dropless_apply(x, r, num_experts, mlp, weights,
+                                                        balanced, rng=dropout_rng)
+            return finish(jax.lax.platform_dependent(x, cpu=cpu, default=grouped))
         with jax.named_scope("dropless_experts"):
             if expert_axis is None:
-                y = dispatch_lib.ragged_apply(x_GSD, routing, E, experts_fn)
+                y = apply_fn(x_GSD, routing, E)
             else:
-                y = _ragged_expert_parallel(x_GSD, routing, E, experts_fn, expert_axis)
+                y = _ragged_expert_parallel(x_GSD, routing, E, apply_fn, expert_axis)
     else:
         dispatch_fn, combine_fn = dispatch_lib.DISPATCH[m.dispatch]
         with jax.named_scope("dispatch"):
@@ -175,7 +183,11 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
     return y.astype(x_GSD.dtype), stats
 
 
-def _ragged_expert_parallel(x_GSD, routing, num_experts, experts_fn, expert_axis):
+def _expert_mlp(params, x, matmul, rng, activation, rate):
+    return expert_hidden(params, x, activation, rate, matmul, rng)
+
+
+def _ragged_expert_parallel(x_GSD, routing, num_experts, apply_fn, expert_axis):
     """Dropless with experts split over `expert_axis`: all-gather, local ragged, reduce-scatter."""
     n = jax.lax.axis_size(expert_axis)
     e_local = num_experts // n
@@ -186,7 +198,7 @@ def _ragged_expert_parallel(x_GSD, routing, num_experts, experts_fn, expert_axis
     local = (gathered.expert_index >= first) & (gathered.expert_index < first + e_local)
     mine = routing_lib.Routing(gathered.expert_index - first, gathered.gate,
                                gathered.kept & local)
-    y_all = dispatch_lib.ragged_apply(x_all, mine, e_local, experts_fn)
+    y_all = apply_fn(x_all, mine, e_local)
     return jax.lax.psum_scatter(y_all, expert_axis, scatter_dimension=0, tiled=True)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from switchjax import dispatch as dispatch_lib
+from switchjax import dropless_cpu
 from switchjax import routing as routing_lib
 from switchjax.config import ModelConfig, model_config_dict
 from switchjax.moe import moe_forward
@@ -200,37 +201,64 @@ def test_all_three_paths_agree_without_drops(k):
     assert np.all(y_ref[~np.asarray(mask)] == 0.0)
 
 
-@pytest.mark.parametrize("sizes,capacity,tile", [
-    ((5, 0, 9, 3), 1, 4),     # nearly all rows in the tiled loop
-    ((5, 0, 9, 3), 4, 4),     # bulk + overflow, some overflow tiles partial
-    ((5, 0, 9, 3), 9, 8),     # everything fits: no loop iteration
-    ((0, 0, 17, 0), 3, 8),    # one group takes every row; tiles clamped at the end
-    ((1, 2, 3, 4), 2, 16)])   # tile > rows of any group
-def test_bulk_ragged_dot_matches_per_group_matmul(sizes, capacity, tile):
-    """The CPU grouped matmul: forward and both gradients equal a per-group loop for any
-    split between the batched part and the overflow loop; rows past Σ group_sizes give
-    zeros, empty groups get zero weight gradients."""
-    rng = np.random.default_rng(4)
-    M, K, N = sum(sizes) + 3, 5, 6  # 3 rows past the groups (dropped assignments)
-    x = jnp.asarray(rng.normal(size=(M, K)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(len(sizes), K, N)), jnp.float32)
-    dy = jnp.asarray(rng.normal(size=(M, N)), jnp.float32)
-    gs = jnp.asarray(sizes, jnp.int32)
-    expert = np.repeat(np.arange(len(sizes)), sizes)
+@pytest.mark.parametrize("capacity,tile", [(1, 4), (6, 4), (9, 8), (48, 8), (3, 128)])
+def test_bulk_dropless_apply_matches_ragged_apply(capacity, tile):
+    """The CPU dropless path (batched MLP over each expert's first `capacity` assignments,
+    tiled loop over the rest) equals ragged_apply with `jax.lax.ragged_dot`: outputs and
+    the gradients of x and every expert weight, top-2 with masked tokens, gated GELU, for
+    splits from nearly all-overflow to all-batched."""
+    from switchjax.moe import expert_hidden
+    G, S, D, F, E = 3, 16, 8, 12, 4
+    rng = np.random.default_rng(5)
+    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(G, S, E)) * 2, jnp.float32), -1)
+    mask = jnp.asarray(rng.random((G, S)) > 0.1)
+    r = jax.jit(routing_lib.route_top_k, static_argnums=(1, 2))(probs, 2, None, token_mask=mask)
+    x = jnp.asarray(rng.normal(size=(G, S, D)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(G, S, D)), jnp.float32)
+    w = {k: jnp.asarray(rng.normal(size=shape) * 0.3, jnp.float32)
+         for k, shape in (("wi", (E, D, F)), ("wi_gate", (E, D, F)), ("wo", (E, F, D)))}
 
-    def naive(x, w):
-        rows = [x[m] @ w[e] for m, e in enumerate(expert)]
-        return jnp.concatenate([jnp.stack(rows) if rows else jnp.zeros((0, N)),
-                                jnp.zeros((M - len(rows), N))])
+    def mlp(p, a, matmul, rng):
+        return expert_hidden(p, a, "gated_gelu", 0.0, matmul, rng)
 
-    def loss(f):
-        return lambda x, w: jnp.sum(f(x, w) * dy)
+    def ref(x, w):
+        return dispatch_lib.ragged_apply(
+            x, r, E, lambda a, gs: mlp(w, a, lambda u, v: jax.lax.ragged_dot(u, v, gs), None))
 
-    bulk = lambda x, w: dispatch_lib.bulk_ragged_dot(x, w, gs, capacity, tile)  # noqa: E731
-    np.testing.assert_allclose(jax.jit(bulk)(x, w), naive(x, w), **TOL)
-    np.testing.assert_allclose(dispatch_lib.ragged_dot(x, w, gs), naive(x, w), **TOL)
-    got = jax.jit(jax.grad(loss(bulk), (0, 1)))(x, w)
-    want = jax.grad(loss(naive), (0, 1))(x, w)
-    for g, h in zip(got, want):
-        np.testing.assert_allclose(g, h, **TOL)
-    assert np.all(np.asarray(got[1])[np.asarray(sizes) == 0] == 0)
+    def bulk(x, w):
+        return dropless_cpu.bulk_dropless_apply(x, r, E, mlp, w, capacity, tile)
+
+    np.testing.assert_allclose(jax.jit(bulk)(x, w), ref(x, w), **TOL)
+    got = jax.jit(jax.grad(lambda x, w: jnp.vdot(bulk(x, w), dy), (0, 1)))(x, w)
+    want = jax.grad(lambda x, w: jnp.vdot(ref(x, w), dy), (0, 1))(x, w)
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("capacity", [1, 6])
+def test_bulk_dropless_apply_dropout(capacity):
+    """Expert dropout on the CPU path: it drops (output differs from no dropout and
+    between keys), the same key gives the same output, and the gradients (masks drawn
+    again in the backward loop) match finite differences."""
+    from jax.test_util import check_grads
+
+    from switchjax.moe import expert_hidden
+    G, S, D, F, E = 2, 8, 4, 6, 3
+    rng = np.random.default_rng(6)
+    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(G, S, E)), jnp.float32), -1)
+    r = jax.jit(routing_lib.route_top_k, static_argnums=(1, 2))(probs, 1, None)
+
+    def run(x, w, key, rate=0.5):
+        mlp = lambda p, a, mm, k: expert_hidden(p, a, "gelu", rate, mm, k)  # noqa: E731
+        return dropless_cpu.bulk_dropless_apply(x, r, E, mlp, w, capacity, 4, rng=key)
+
+    with jax.enable_x64(True):  # float64 for the finite differences
+        x = jnp.asarray(rng.normal(size=(G, S, D)), jnp.float64)
+        w = {"wi": jnp.asarray(rng.normal(size=(E, D, F)), jnp.float64),
+             "wo": jnp.asarray(rng.normal(size=(E, F, D)), jnp.float64)}
+        k0, k1 = jax.random.key(0), jax.random.key(1)
+        y0 = run(x, w, k0)
+        assert not np.allclose(y0, run(x, w, k0, rate=0.0))
+        assert not np.allclose(y0, run(x, w, k1))
+        np.testing.assert_array_equal(y0, run(x, w, k0))
+        check_grads(lambda x, w: run(x, w, k0), (x, w), order=1, modes=("rev",))
