@@ -69,8 +69,6 @@ def make_config(args, size, **overrides) -> ml_collections.ConfigDict:
               "moe.num_experts": 8, "moe.dispatch": args.dispatch,
               "moe.group_size": args.group_size, "moe.capacity_factor_train": 1.25}
     values.update(overrides)
-    if values["moe.dispatch"] == "ragged":
-        values["moe.router"] = "dropless"
     model, moe = model_config_dict(**values)
     return ml_collections.ConfigDict({"model": model, "moe": moe})
 
@@ -177,9 +175,11 @@ LAYER_REPS = 3  # a layer call takes ~0.1 s: its ratios get 3x the rounds, for a
 
 
 def layer_cases(smoke: bool):
+    """(dispatch, capacity factor); ("ragged", None) is the dropless router."""
     if smoke:
-        return [("einsum", 1.25), ("gather", 1.25), ("ragged", None)]
-    return [(d, cf) for d in ("einsum", "gather") for cf in (1.0, 1.25, 2.0)] + [("ragged", None)]
+        return [("einsum", 1.25), ("gather", 1.25), ("ragged", 1.25), ("ragged", None)]
+    return [(d, cf) for d in ("einsum", "gather", "ragged") for cf in (1.0, 1.25, 2.0)] + [
+        ("ragged", None)]
 
 
 def bench_layer(args, size) -> list:
@@ -189,7 +189,8 @@ def bench_layer(args, size) -> list:
     rows, dense_runners = [], {}
     for dispatch, cf in layer_cases(args.smoke):
         config = make_config(args, size, **{"moe.dispatch": dispatch,
-                                            "moe.capacity_factor_train": cf or 1.0})
+                                            "moe.capacity_factor_train": cf or 1.0,
+                                            "moe.router": "top1" if cf else "dropless"})
         cfg = ModelConfig.from_config(config)
         k = cfg.moe.num_selected_experts
         if k not in dense_runners:  # FLOP-matched dense FFN: d_ff·k, compiled once
@@ -471,7 +472,7 @@ def check_targets(results: dict) -> dict:
     cap = [r["ratio"] for r in layer if r["capacity_factor"] == 1.25]
     if cap:
         out["layer_best_capacity_cf1.25"] = min(cap)
-    drop = [r["ratio"] for r in layer if r["dispatch"] == "ragged"]
+    drop = [r["ratio"] for r in layer if r["capacity_factor"] is None]
     if drop:
         out["layer_dropless"] = drop[0]
     if results.get("model"):

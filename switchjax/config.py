@@ -38,8 +38,8 @@ class MoeConfig:
     num_experts: int = 8  # E
     router: str = "top1"  # one of ROUTERS
     num_selected_experts: int = 1  # K, for 'topk' and 'dropless'
-    # One of DISPATCHES; 'ragged' is required by 'dropless'. 'gather' is the default: the
-    # same numbers as 'einsum' and the fastest path in experiments/benchmark.py (README).
+    # One of DISPATCHES; 'ragged' is required by 'dropless' and also runs 'top1'/'topk'
+    # (kept assignments only, no empty slots). 'gather' is the default (README Performance).
     dispatch: str = "gather"
     capacity_factor_train: float = 1.25
     capacity_factor_eval: float = 2.0
@@ -154,12 +154,14 @@ class ModelConfig:
             _fail("moe.num_selected_experts", k,
                   f"must be between 1 and moe.num_experts={m.num_experts}",
                   "lower K or add experts")
-        if (m.router == "dropless") != (m.dispatch == "ragged"):
+        if m.router == "dropless" and m.dispatch != "ragged":
             _fail("moe.dispatch", m.dispatch,
-                  "dropless routing has no capacity and needs the ragged dispatch, and the "
-                  "ragged dispatch only runs dropless routing",
-                  "use moe.router='dropless' with moe.dispatch='ragged', or einsum/gather "
-                  "with the other routers")
+                  "dropless routing has no capacity and needs the ragged dispatch",
+                  "use moe.dispatch='ragged' with moe.router='dropless'")
+        if m.router == "expert_choice" and m.dispatch == "ragged":
+            _fail("moe.dispatch", m.dispatch,
+                  "the ragged dispatch runs token-choice routing (top1, topk, dropless)",
+                  "use moe.dispatch='gather' or 'einsum' with expert choice")
         for name in ("capacity_factor_train", "capacity_factor_eval"):
             if getattr(m, name) <= 0:
                 _fail(f"moe.{name}", getattr(m, name), "must be > 0",

@@ -84,16 +84,16 @@ def forward_flops_per_example(cfg: ModelConfig, inputs_length: int, targets_leng
 def moe_layer_flops(cfg: ModelConfig, tokens_per_group: int, train: bool = True) -> dict:
     """Forward FLOPs per token of one MoE layer, by part, for the configured path.
 
-    `experts` counts what the path actually computes: capacity paths run every
-    slot (E·C per group, filled or not); dropless runs only the k kept
-    assignments. `dispatch` is the one-hot einsum cost (zero for gather and
+    `experts` counts what the path actually computes: einsum and gather run every
+    slot (E·C per group, filled or not); ragged runs only the kept assignments (at
+    most k per token, all k when dropless). `dispatch` is the one-hot einsum cost (zero for gather and
     ragged, which move data instead). `ratio_to_dense` divides the total by a
     dense FFN with the same active parameters (k·F hidden units).
     """
     m = cfg.moe
     S, E, D = tokens_per_group, m.num_experts, cfg.d_model
     ffn = 2 * _ffn_params(cfg)
-    if m.router == "dropless":
+    if m.dispatch == "ragged":
         slots_per_token = float(m.num_selected_experts)
     else:
         cf = m.capacity_factor_train if train else m.capacity_factor_eval

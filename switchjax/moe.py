@@ -139,7 +139,7 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
     def finish(y):  # partial sums over the hidden-dim shards
         return jax.lax.psum(y, model_axis) if model_axis else y
 
-    if m.router == "dropless":
+    if m.dispatch == "ragged":  # kept assignments sorted by expert: no empty slots
         # Rows one expert gets when the load is balanced (expert parallel: of all n
         # devices' tokens): the CPU path's batched part has that many per expert.
         n = jax.lax.axis_size(expert_axis) if expert_axis else 1

@@ -52,7 +52,8 @@ def test_overrides_reach_the_dataclasses():
     ({"moe.router": "top2"}, "moe.router"),
     ({"moe.dispatch": "scatter"}, "moe.dispatch"),
     ({"moe.router": "dropless"}, "moe.dispatch"),  # dropless needs ragged
-    ({"moe.dispatch": "ragged"}, "moe.dispatch"),  # ragged only runs dropless
+    ({"moe.router": "expert_choice", "moe.dispatch": "ragged",  # token choice only
+      "model.decoder_moe_layers": "none"}, "moe.dispatch"),
     ({"moe.capacity_rounding": "nearest"}, "moe.capacity_rounding"),
     ({"moe.second_expert_policy": "sometimes"}, "moe.second_expert_policy"),
     ({"moe.router_dtype": "float16"}, "moe.router_dtype"),

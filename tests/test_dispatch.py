@@ -130,6 +130,8 @@ def test_ragged_apply_matches_naive_loop():
                                              ("topk", 2, False, 0.5),
                                              ("expert_choice", 1, False, 1.0)])
 def test_einsum_equals_gather_with_drops(router, k, bpr, cf):
+    """Same outputs, gradients and loads with capacity drops; token-choice routers also
+    on the ragged dispatch (kept assignments only, sorted by expert)."""
     G, S, D, F, E = 2, 16, 8, 16, 4
     rng = np.random.default_rng(4)
     params = {"router": jnp.asarray(rng.normal(size=(D, E)), jnp.float32),
@@ -140,7 +142,7 @@ def test_einsum_equals_gather_with_drops(router, k, bpr, cf):
     mask = jnp.asarray(rng.random((G, S)) > 0.2)
     cot = jnp.asarray(rng.normal(size=(G, S, D)), jnp.float32)
     results = {}
-    for dispatch in ("einsum", "gather"):
+    for dispatch in ("einsum", "gather") + (("ragged",) if router != "expert_choice" else ()):
         # Expert choice and BPR are not causal: encoder layers only.
         extra = {"model.decoder_moe_layers": "none"} if router == "expert_choice" or bpr else {}
         cfg = make_cfg(**{"moe.router": router, "moe.num_selected_experts": k,
@@ -155,13 +157,16 @@ def test_einsum_equals_gather_with_drops(router, k, bpr, cf):
 
         (_, (y, st)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(dict(params, x=x))
         results[dispatch] = (y, st, grads)
-    (y_e, st_e, g_e), (y_g, st_g, g_g) = results["einsum"], results["gather"]
+    y_e, st_e, g_e = results.pop("einsum")
     assert float(st_e.dropped_fraction) > 0  # the setting does drop tokens
-    np.testing.assert_allclose(np.asarray(y_e), np.asarray(y_g), **TOL)
-    for name in g_e:
-        np.testing.assert_allclose(np.asarray(g_e[name]), np.asarray(g_g[name]), err_msg=name,
-                                   **TOL)
-    np.testing.assert_array_equal(np.asarray(st_e.expert_load), np.asarray(st_g.expert_load))
+    for dispatch, (y_g, st_g, g_g) in results.items():
+        np.testing.assert_allclose(np.asarray(y_e), np.asarray(y_g), err_msg=dispatch, **TOL)
+        for name in g_e:
+            np.testing.assert_allclose(np.asarray(g_e[name]), np.asarray(g_g[name]),
+                                       err_msg=f"{dispatch} {name}", **TOL)
+        np.testing.assert_array_equal(np.asarray(st_e.expert_load), np.asarray(st_g.expert_load))
+        np.testing.assert_array_equal(np.asarray(st_e.dropped_fraction),
+                                      np.asarray(st_g.dropped_fraction))
 
 
 @pytest.mark.parametrize("k", [1, 2])

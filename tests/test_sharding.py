@@ -186,11 +186,12 @@ def test_same_loss_and_grads_on_every_mesh(family, router, shape):
     ("encoder_decoder", "expert_choice", (2, 4, 1)),
     ("encoder_decoder", "dropless", (2, 2, 2)),  # all-gather + ragged + psum over 'model'
     ("decoder_only", "dropless", (2, 4, 1)),
-    ("encoder_decoder", "top1:gather", (2, 4, 1))],  # against einsum on one device
+    ("encoder_decoder", "top1:gather", (2, 4, 1)),  # against einsum on one device
+    ("decoder_only", "topk:ragged", (2, 4, 1))],  # capacity drops, kept assignments sorted
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 def test_other_routers_same_loss_and_grads(family, router, shape):
-    metrics = assert_same(family, router, shape,
-                          ref_router="top1" if router == "top1:gather" else None)
+    metrics = assert_same(family, router, shape, ref_router={
+        "top1:gather": "top1", "topk:ragged": "topk"}.get(router))
     if router == "dropless":
         assert float(metrics["dropped_fraction"]) == 0
 
