@@ -8,8 +8,9 @@ K choices per token, M = G·S·K token-expert assignments.
 * gather: each slot gathers its token, each token gathers its K slots back
   (gradients are gathers too, through the inverse maps); no [S, E, C] tensor.
   Same numbers as einsum, always.
-* ragged (dropless): sorts the M assignments by expert and runs the experts
-  with `jax.lax.ragged_dot` on contiguous groups; no capacity, no padding.
+* ragged: sorts the kept assignments by expert and runs the experts with
+  `jax.lax.ragged_dot` on contiguous groups: no empty slots (required by dropless,
+  also runs capacity routing; on CPU moe.py uses `dropless_cpu` instead).
 
 Capacity paths return an expert buffer <[E, G, C, D]>; empty slots hold zeros.
 """

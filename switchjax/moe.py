@@ -17,10 +17,11 @@ each device runs every expert on its own tokens. (Left to GSPMD, the
 index-based gather and ragged dispatches cannot be partitioned over the
 groups and would be replicated on every device.)
 
-Dropless (ragged) under expert parallelism all-gathers the tokens of the
-expert-axis peers, runs the local experts on the assignments that belong to
-them with `ragged_dot`, and reduce-scatters the sums back: exact, no capacity,
-at the price of moving every token to every expert shard of its data row.
+The ragged dispatch (dropless, or top1/topk computing only their kept assignments)
+under expert parallelism all-gathers the tokens of the expert-axis peers, runs the
+local experts on the assignments that belong to them (`ragged_dot`; on CPU
+`dropless_cpu`), and reduce-scatters the sums back: exact, no fixed buffers, at the
+price of moving every token to every expert shard of its data row.
 Capacity is per group, so the result never depends on the mesh.
 """
 from __future__ import annotations
@@ -156,7 +157,7 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
                 return dropless_cpu.bulk_dropless_apply(x, r, num_experts, mlp, weights,
                                                         balanced, rng=dropout_rng)
             return finish(jax.lax.platform_dependent(x, cpu=cpu, default=grouped))
-        with jax.named_scope("dropless_experts"):
+        with jax.named_scope("ragged_experts"):
             if expert_axis is None:
                 y = apply_fn(x_GSD, routing, E)
             else:
