@@ -86,9 +86,9 @@ def moe_layer_flops(cfg: ModelConfig, tokens_per_group: int, train: bool = True)
 
     `experts` counts what the path actually computes: einsum and gather run every
     slot (E·C per group, filled or not); ragged runs only the kept assignments (at
-    most k per token, all k when dropless). `dispatch` is the one-hot einsum cost (zero for gather and
-    ragged, which move data instead). `ratio_to_dense` divides the total by a
-    dense FFN with the same active parameters (k·F hidden units).
+    most k per token, all k when dropless). `dispatch` is the one-hot einsum cost
+    (zero for gather and ragged, which move data instead). `ratio_to_dense` divides
+    the total by a dense FFN with the same active parameters (k·F hidden units).
     """
     m = cfg.moe
     S, E, D = tokens_per_group, m.num_experts, cfg.d_model
