@@ -116,9 +116,21 @@ DISPATCH = {"einsum": (einsum_dispatch, einsum_combine),
             "gather": (gather_dispatch, gather_combine)}
 
 
+def sort_by_expert(routing: Routing, num_experts: int):
+    """The M = G·S·K assignments sorted by expert, not-kept ones after the last expert.
+
+    Returns key <[M]> (expert, or E if not kept), order <int32>[M] (sorted position ->
+    assignment) and group sizes <int32>[E] (kept assignments per expert).
+    """
+    key_M = jnp.where(routing.kept, routing.expert_index, num_experts).reshape(-1)
+    order = jnp.argsort(key_M, stable=True).astype(jnp.int32)
+    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[key_M].add(1, mode="drop")
+    return key_M, order, group_sizes
+
+
 def ragged_apply(x_GSD: jax.Array, routing: Routing, num_experts: int,
                  experts_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
-    """Dropless: runs every kept assignment through its expert, no capacity.
+    """Runs every kept assignment through its expert: no capacity slots, none empty.
 
     Args:
       x_GSD: <[G, S, D]> tokens.
@@ -131,10 +143,8 @@ def ragged_apply(x_GSD: jax.Array, routing: Routing, num_experts: int,
     """
     G, S, D = x_GSD.shape
     K = routing.expert_index.shape[-1]
-    key_M = jnp.where(routing.kept, routing.expert_index, num_experts).reshape(-1)
-    order = jnp.argsort(key_M, stable=True).astype(jnp.int32)  # sorted position -> assignment
+    key_M, order, group_sizes = sort_by_expert(routing, num_experts)
     rank = jnp.argsort(order).astype(jnp.int32)  # assignment -> sorted position
-    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[key_M].add(1, mode="drop")
     x_sorted = take_rows(x_GSD.reshape(G * S, D), order // K, rank.reshape(G * S, K))
     y_sorted = experts_fn(x_sorted, group_sizes)
     y_sorted = jnp.where((key_M[order] < num_experts)[:, None], y_sorted, 0)

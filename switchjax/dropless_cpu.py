@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchjax.dispatch import _take_rows
+from switchjax.dispatch import _take_rows, sort_by_expert
 from switchjax.routing import Routing
 
 
@@ -55,9 +55,7 @@ def bulk_dropless_apply(x_GSD: jax.Array, routing: Routing, num_experts: int, ml
     G, S, D = x_GSD.shape
     K = routing.expert_index.shape[-1]
     M = G * S * K
-    key_M = jnp.where(routing.kept, routing.expert_index, num_experts).reshape(-1)
-    order = jnp.argsort(key_M, stable=True).astype(jnp.int32)  # sorted row -> assignment
-    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[key_M].add(1, mode="drop")
+    _, order, group_sizes = sort_by_expert(routing, num_experts)
     T = min(tile or overflow_tile(capacity), M)
     maps = _plan(order, group_sizes, capacity, T)
     impl = None
