@@ -31,6 +31,7 @@ def test_smoke_run_writes_results(tmp_path):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
+    assert set(saved) == set(results)  # the returned results are the ones written
     assert set(saved) >= {"machine", "args", "layer", "model", "scaling", "expert_parallel",
                           "targets", "peak_rss_bytes"}
     assert {r["dispatch"] for r in saved["layer"]} == {"einsum", "gather", "ragged"}

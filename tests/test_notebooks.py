@@ -4,7 +4,6 @@ Each notebook ends by printing a RESULT dict; the test checks that every code
 cell ran without error and that RESULT holds the notebook's key numbers.
 """
 import ast
-import os
 import pathlib
 
 import pytest
