@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     layers = inspector.capture_routing(run.cfg, run.params, batch)
     E = run.cfg.moe.num_experts
     print(f"{args.workdir} step {run.step}: {run.cfg.family}, {len(layers)} MoE layers x "
-          f"{E} experts, capacity factor {run.cfg.moe.capacity_factor_eval} (eval)")
+          f"{E} experts, capacity factor {run.cfg.moe.capacity_factor(train=False)} (eval)")
     print(inspector.format_report(layers, E, run.token_str, args.top))
     out = args.out or os.path.join(args.workdir, "inspect")
     os.makedirs(out, exist_ok=True)

@@ -60,6 +60,15 @@ class MoeConfig:
     dropped_token_output: str = "zeros"  # 'zeros' (paper) | 'hf' (transformers quirk)
     expert_parallel: bool = True  # shard_map per device (all_to_all if mesh.expert > 1); False: GSPMD
 
+    def capacity_factor(self, train: bool) -> float:
+        """The capacity factor in force: `capacity_factor_train` in training and
+        `capacity_factor_eval` in evaluation, except for expert choice, where it is
+        the mean number of experts per token, part of the function the model learns
+        (Zhou et al. 2022 keep it at evaluation): `capacity_factor_train` in both."""
+        if train or self.router == "expert_choice":
+            return self.capacity_factor_train
+        return self.capacity_factor_eval
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -150,6 +159,14 @@ class ModelConfig:
         if m.router == "top1" and k != 1:
             _fail("moe.num_selected_experts", k, "router 'top1' selects exactly one expert",
                   "set it to 1 or use moe.router='topk'")
+        if m.router == "expert_choice" and k != 1:
+            _fail("moe.num_selected_experts", k, "expert choice has no per-token k: each "
+                  "expert takes C tokens, on average capacity_factor_train experts per token",
+                  "leave it at 1 and set moe.capacity_factor_train")
+        if m.router == "expert_choice" and m.batch_prioritized:
+            _fail("moe.batch_prioritized", m.batch_prioritized,
+                  "expert choice already picks tokens by router probability",
+                  "set it False")
         if k < 1 or k > m.num_experts:
             _fail("moe.num_selected_experts", k,
                   f"must be between 1 and moe.num_experts={m.num_experts}",

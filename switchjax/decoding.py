@@ -14,7 +14,10 @@ Routing of the decoder tokens:
   * `route_tokens_alone=True`: each decoder token is its own routing group and
     never competes for capacity, which is what transformers' `generate` does
     with its KV cache (it routes only the new token at each step).
-Without dropped decoder tokens the two agree.
+Without dropped decoder tokens the two agree. "Exactly as in teacher forcing"
+needs each routing group inside one sequence (`moe.group_size` 0 or a divisor of
+the buffer length): a group spanning rows lets another row's tokens, real in
+teacher forcing but still padding while decoding, take capacity first.
 """
 from __future__ import annotations
 

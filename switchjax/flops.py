@@ -96,9 +96,9 @@ def moe_layer_flops(cfg: ModelConfig, tokens_per_group: int, train: bool = True)
     if m.dispatch == "ragged":
         slots_per_token = float(m.num_selected_experts)
     else:
-        cf = m.capacity_factor_train if train else m.capacity_factor_eval
         k = 1 if m.router == "expert_choice" else m.num_selected_experts
-        C = m.fixed_capacity or expert_capacity(S, E, cf, k, m.min_capacity, m.capacity_rounding)
+        C = m.fixed_capacity or expert_capacity(S, E, m.capacity_factor(train), k,
+                                                m.min_capacity, m.capacity_rounding)
         slots_per_token = E * C / S
     parts = {"router": 2.0 * D * E, "experts": slots_per_token * ffn,
              "dispatch": 2 * 2.0 * slots_per_token * S * D if m.dispatch == "einsum" else 0.0}

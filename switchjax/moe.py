@@ -90,7 +90,8 @@ def router_probs(w_DE: jax.Array, x_GSD: jax.Array, cfg: ModelConfig,
 
 
 def route(probs: jax.Array, cfg: ModelConfig, train: bool, token_mask, rng) -> routing_lib.Routing:
-    """Applies `moe.router` to <float32>[G, S, E] probabilities."""
+    """Applies `moe.router` to <float32>[G, S, E] probabilities
+    (capacity factor: `MoeConfig.capacity_factor(train)`)."""
     m = cfg.moe
     S, E = probs.shape[1:]
     k = m.num_selected_experts
@@ -99,8 +100,8 @@ def route(probs: jax.Array, cfg: ModelConfig, train: bool, token_mask, rng) -> r
     elif m.fixed_capacity:
         capacity = min(m.fixed_capacity, S)
     else:
-        cf = m.capacity_factor_train if train else m.capacity_factor_eval
-        capacity = routing_lib.expert_capacity(S, E, cf, 1 if m.router == "expert_choice" else k,
+        capacity = routing_lib.expert_capacity(S, E, m.capacity_factor(train),
+                                               1 if m.router == "expert_choice" else k,
                                                m.min_capacity, m.capacity_rounding)
     if m.router == "expert_choice":
         return routing_lib.route_expert_choice(probs, capacity, token_mask=token_mask)

@@ -30,14 +30,15 @@ def expert_capacity(tokens_per_group: int, num_experts: int, capacity_factor: fl
                     k: int = 1, min_capacity: int = 4, rounding: str = "floor") -> int:
     """Slots per expert and group: C = rounding(k·S·capacity_factor / E).
 
-    Then `C = max(C, min_capacity)` and `C <= S` (an expert can take each token
-    at most once). The defaults follow the Switch paper's Mesh TensorFlow
+    Then `C = max(C, min_capacity, 1)` and `C <= S` (an expert can take each
+    token at most once). The defaults follow the Switch paper's Mesh TensorFlow
     implementation (`int()` i.e. floor, minimum capacity 4); 'ceil' and 'round'
     match other codebases. `capacity_factor` is `moe.capacity_factor_train`
-    in training and `moe.capacity_factor_eval` in evaluation.
+    in training and `moe.capacity_factor_eval` in evaluation (expert choice:
+    the train factor in both, see `MoeConfig.capacity_factor`).
     """
     raw = round(k * tokens_per_group * capacity_factor / num_experts, 9)  # 1.1*100/10 -> 11
-    capacity = max(int(_ROUNDING[rounding](raw)), min_capacity)
+    capacity = max(int(_ROUNDING[rounding](raw)), min_capacity, 1)
     return int(min(capacity, tokens_per_group))
 
 
@@ -64,9 +65,10 @@ class Routing:
 class RouterStats:
     """Per-layer router statistics (scalars unless noted), over non-padding tokens.
 
-    aux_loss: load-balancing loss E·Σ_e f_e·P_e, mean over groups; f_e is the
-      fraction of tokens whose first choice is e, P_e the mean probability of e.
-      Equals 1.0 for perfectly uniform routing, grows with skew.
+    aux_loss: load-balancing loss E·Σ_e f_e·P_e per group, f_e the fraction of the
+      group's tokens whose first choice is e, P_e their mean probability of e; the
+      mean over groups weighted by their real tokens (a group of padding adds
+      nothing). Equals 1.0 for perfectly uniform routing, grows with skew.
     z_loss: mean over tokens of logsumexp(logits)².
     dropped_fraction: fraction of tokens that reach no expert.
     expert_load: <float32>[E] share of the kept token-expert assignments per expert.
@@ -188,7 +190,8 @@ def router_stats(logits: jax.Array, probs: jax.Array, routing: Routing,
         return jax.lax.psum(v, axes) if axes else v
 
     w = jnp.ones((G, S), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
-    n_group = jnp.maximum(w.sum(axis=1), 1.0)  # [G]
+    real_G = w.sum(axis=1)
+    n_group = jnp.maximum(real_G, 1.0)
     n_all = jnp.maximum(total(w.sum()), 1.0)
 
     def token_mean(v_GS):
@@ -197,7 +200,7 @@ def router_stats(logits: jax.Array, probs: jax.Array, routing: Routing,
     first_GSE = jax.nn.one_hot(jnp.argmax(probs, axis=-1), E) * w[..., None]
     f_GE = first_GSE.sum(axis=1) / n_group[:, None]
     p_GE = jnp.sum(probs * w[..., None], axis=1) / n_group[:, None]
-    aux = total(jnp.sum(E * jnp.sum(f_GE * p_GE, axis=-1))) / total(jnp.float32(G))
+    aux = total(jnp.sum(real_G * E * jnp.sum(f_GE * p_GE, axis=-1))) / n_all
     z = token_mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
     reached = jnp.any(routing.kept, axis=-1)
     dropped = token_mean(1.0 - reached.astype(jnp.float32))

@@ -1,6 +1,7 @@
 """Checkpoints: exact resume after SIGKILL, fallback from a truncated checkpoint."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from _train_utils import REPO, cli_args, env, records, tiny_config
+from switchjax.config import ConfigError
 from switchjax.train import checkpoint, loop
 
 
@@ -90,6 +92,36 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     assert second["train/task_loss"] == first["train/task_loss"]
     state, step = checkpoint.read_state(workdir)
     assert step == 20 and int(state["step"]) == 20
+
+
+@pytest.mark.slow
+def test_resume_with_another_config_is_refused(tmp_path):
+    """Rerunning a workdir with a changed config must not mix two experiments (nor
+    return the old run's results as the new one's); steps and intervals may change."""
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(tiny_config(num_train_steps=10), workdir)
+    changed = tiny_config(num_train_steps=10)
+    changed.moe.capacity_factor_train = 0.5
+    with pytest.raises(ConfigError, match=r"moe.capacity_factor_train: 1.25 -> 0.5"):
+        loop.train_and_evaluate(changed, workdir)
+    assert checkpoint.Checkpointer(workdir, 3).all_steps() == [10]  # nothing touched
+    longer = loop.train_and_evaluate(tiny_config(num_train_steps=12, eval_every=4), workdir)
+    assert longer["step"] == 12
+
+
+def test_config_changes_allow_only_resumable_fields():
+    saved = json.loads(tiny_config().to_json_best_effort())
+    now = tiny_config(num_train_steps=99, log_every=1)
+    now.mesh.data = 2
+    assert checkpoint.config_changes(saved, now) == []
+    assert checkpoint.config_changes(None, now) == []
+    now.seed = 7
+    now.train.batch_size = 16
+    assert checkpoint.config_changes(saved, now) == ["seed: 0 -> 7", "train.batch_size: 8 -> 16"]
+    cosine = tiny_config(schedule="cosine")  # the decay length is num_train_steps
+    longer = tiny_config(schedule="cosine", num_train_steps=40)
+    assert checkpoint.config_changes(json.loads(cosine.to_json_best_effort()), longer) == \
+        ["train.num_train_steps: 20 -> 40"]
 
 
 def test_unreadable_checkpoints_are_an_error_not_a_fresh_start(tmp_path):

@@ -48,6 +48,10 @@ def test_overrides_reach_the_dataclasses():
     ({"moe.capacity_factor_eval": -1.0}, "moe.capacity_factor_eval"),
     ({"moe.router": "expert_choice", "model.family": "decoder_only"}, "moe.router"),
     ({"moe.router": "expert_choice"}, "moe.router"),  # encoder-decoder, sparse decoder
+    ({"moe.router": "expert_choice", "model.decoder_moe_layers": "none",
+      "moe.num_selected_experts": 2}, "moe.num_selected_experts"),
+    ({"moe.router": "expert_choice", "model.decoder_moe_layers": "none",
+      "moe.batch_prioritized": True}, "moe.batch_prioritized"),
     ({"moe.batch_prioritized": True}, "moe.batch_prioritized"),  # sparse decoder layers
     ({"moe.router": "top2"}, "moe.router"),
     ({"moe.dispatch": "scatter"}, "moe.dispatch"),

@@ -147,7 +147,8 @@ def test_einsum_equals_gather_with_drops(router, k, bpr, cf):
         extra = {"model.decoder_moe_layers": "none"} if router == "expert_choice" or bpr else {}
         cfg = make_cfg(**{"moe.router": router, "moe.num_selected_experts": k,
                           "moe.dispatch": dispatch, "moe.batch_prioritized": bpr,
-                          "moe.capacity_factor_eval": cf, "model.d_model": D, "model.d_ff": F},
+                          "moe.capacity_factor_eval": cf, "moe.capacity_factor_train": cf,
+                          "model.d_model": D, "model.d_ff": F},
                        **extra)
 
         def loss(px, cfg=cfg):  # gradients w.r.t. the weights and the tokens ("x")

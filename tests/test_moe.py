@@ -257,6 +257,15 @@ def test_train_and_eval_use_their_own_capacity_factor():
                                      capacity=naive_capacity(S, E, cf, 1, 1))
         np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL, err_msg=train)
         assert (dropped > 0) == train
+    # Expert choice: the capacity factor is its mean experts per token, so evaluation
+    # keeps the train factor (eval 4.0 would give each token up to 4x the experts).
+    cfg = _case_cfg("expert_choice", 1, E, D, F, 1.0, False, "relu",
+                    **{"moe.capacity_factor_train": 0.5, "moe.capacity_factor_eval": 4.0})
+    for train in (True, False):
+        got, _ = forward(params, x, None, cfg=cfg, train=train, rng=None)
+        want, _, _ = naive_moe(params, x, None, router="expert_choice", k=1,
+                               capacity=naive_capacity(S, E, 0.5, 1, 1))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL, err_msg=train)
     # moe.fixed_capacity overrides the formula in both modes.
     cfg = _case_cfg("top1", 1, E, D, F, 1.0, False, "relu", **{"moe.fixed_capacity": 1})
     got, _ = forward(params, x, None, cfg=cfg, train=True, rng=None)

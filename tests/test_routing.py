@@ -48,6 +48,7 @@ def softmax_np(logits):
     ((2, 8, 1.0, 1, 4, "floor"), 2),      # min_capacity 4 capped at S = 2
     ((16, 8, 1.0, 1, 4, "floor"), 4),     # 2 -> min_capacity
     ((16, 8, 1.0, 1, 1, "floor"), 2),
+    ((4, 8, 1.25, 1, 0, "floor"), 1),     # 0.625 -> 0, but never 0 slots
 ])
 def test_expert_capacity_hand_values(args, want):
     got = expert_capacity(*args)
@@ -305,13 +306,30 @@ def test_aux_loss_formula_against_numpy_with_padding():
         pg = p[g][mask[g]]
         f = np.bincount(pg.argmax(-1), minlength=E) / len(pg)
         aux.append(E * np.sum(f * pg.mean(0)))
-    np.testing.assert_allclose(float(st.aux_loss), np.mean(aux), rtol=1e-5)
+    # The group mean is weighted by real tokens (groups here have 5-9 of 10).
+    np.testing.assert_allclose(float(st.aux_loss), np.average(aux, weights=mask.sum(1)),
+                               rtol=1e-5)
     lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
     np.testing.assert_allclose(float(st.z_loss), (lse ** 2)[mask].mean(), rtol=1e-5)
     np.testing.assert_allclose(float(st.confidence), p.max(-1)[mask].mean(), rtol=1e-5)
     ent = -(p * np.log(p)).sum(-1)
     np.testing.assert_allclose(float(st.entropy), ent[mask].mean(), rtol=1e-5)
     np.testing.assert_allclose(float(np.asarray(st.expert_load).sum()), 1.0, rtol=1e-6)
+
+
+def test_groups_of_padding_leave_the_stats_unchanged():
+    """Eval batches are padded with empty rows; they must not dilute the aux loss."""
+    G, S, E = 1, 8, 4
+    logits = np.random.default_rng(1).normal(size=(G, S, E)).astype(np.float32)
+    one = _stats(logits, capacity=3, mask=jnp.ones((G, S), bool))
+    padded = np.concatenate([logits, np.random.default_rng(2).normal(
+        size=(3, S, E)).astype(np.float32)])
+    mask = np.zeros((4, S), bool)
+    mask[0] = True
+    four = _stats(padded, capacity=3, mask=jnp.asarray(mask))
+    for name in ("aux_loss", "z_loss", "dropped_fraction", "confidence", "entropy"):
+        np.testing.assert_allclose(float(getattr(four, name)), float(getattr(one, name)),
+                                   rtol=1e-6, err_msg=name)
 
 
 def test_z_loss_at_zero_logits():

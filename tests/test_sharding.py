@@ -364,11 +364,14 @@ def test_gradient_accumulation_equals_one_big_batch():
 
     moe.group_size=0 makes each sequence a routing group, so splitting the batch into
     microbatches changes no group and no capacity: the same tokens are dropped
-    (capacity factor 1 drops here), and every microbatch has the same token count, so
-    the mean of microbatch means is the batch mean.
+    (capacity factor 1 drops here). The odd rows (microbatch 2) end in padding, so the
+    microbatches have different token counts: equal weights would be wrong.
     """
     cfg, model, batch, before = setup("decoder_only", "top1")
     assert cfg.moe.group_size == 0
+    batch = {k: v.copy() for k, v in batch.items()}
+    for v in batch.values():
+        v[1::2, LT // 3:] = 0  # padding: token 0, segment 0, loss weight 0
     mesh, rules = mesh_for((2, 2, 2))
     tx = optax.sgd(1.0)
     _, shardings = state_lib.state_shardings(model, tx, shapes_of(batch), mesh, rules)

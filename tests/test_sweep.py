@@ -13,10 +13,10 @@ from switchjax.config import ConfigError
 from switchjax.train import report, sweep
 
 
-def _sweep_cli(workdir):
+def _sweep_cli(workdir, *extra):
     return subprocess.run(
         [sys.executable, "-m", "experiments.sweep", "--config", "configs/ablate_jitter.py:smoke",
-         *cli_args(tiny_config()), "--workdir", workdir],
+         *cli_args(tiny_config()), "--workdir", workdir, *extra],
         cwd=REPO, env=env(), capture_output=True, text=True, timeout=420)
 
 
@@ -52,6 +52,13 @@ def test_two_variant_sweep_writes_report_and_skips_finished(tmp_path):
     assert "running" not in rerun.stdout
     assert os.path.getmtime(os.path.join(workdir, names[0], "final_metrics.json")) == before
     assert os.path.exists(os.path.join(workdir, "results.md"))
+
+    # A changed base config does not reuse the finished arms' results: an error
+    # naming the field, before anything runs.
+    changed = _sweep_cli(workdir, "--config.train.learning_rate=0.5")
+    assert changed.returncode != 0
+    assert "ran with another config" in changed.stderr and "train.learning_rate" in changed.stderr
+    assert os.path.getmtime(os.path.join(workdir, names[0], "final_metrics.json")) == before
 
 
 def test_variant_names_and_overrides():

@@ -148,6 +148,7 @@ INVALID = [
                               data__data_dir="/nonexistent/tfds"), "data.data_dir="),
     ("objective vs family", _set(data__objective="causal_lm"), "data.objective='causal_lm'"),
     ("accum does not divide", _set(train__accum_steps=3), "train.accum_steps=3"),
+    ("negative seed", lambda c: setattr(c, "seed", -1), "seed=-1"),
     ("nan layer out of range", _set(train__debug_nan_step=3, train__debug_nan_layer=5),
      "train.debug_nan_layer=5"),
     ("unknown train field", _unknown_train_field, "train.num_train_step"),

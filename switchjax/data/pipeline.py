@@ -179,6 +179,11 @@ class _ZipRowsIterator(grain.DatasetIterator):
         return {"streams": [s.get_state() for s in self._parents], "done": list(self._done)}
 
     def set_state(self, state):
+        if len(state["streams"]) != len(self._parents):
+            raise ValueError(
+                f"the saved data iterator has {len(state['streams'])} rows per host and this "
+                f"one {len(self._parents)}: train.batch_size (or the number of hosts) changed. "
+                "Fix: resume with the batch size and hosts it was saved with.")
         for stream, stream_state in zip(self._parents, state["streams"]):
             stream.set_state(stream_state)
         self._done = list(state["done"])

@@ -19,6 +19,7 @@ All processes call every method (Orbax coordinates multi-host writes).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -32,6 +33,33 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 ITEMS = ("state", "data", "config")
+# Fields a resumed run may change (how long, how often, on which devices, debugging);
+# any other change would silently mix two experiments in one run.
+RESUMABLE = ("train.num_train_steps", "train.log_every", "train.eval_every",
+             "train.eval_steps", "train.checkpoint_every", "train.max_to_keep", "train.debug_*",
+             "mesh.*", "data.data_dir", "data.num_workers")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict) -> list[str]:
+    """'field: saved -> now' for every field outside RESUMABLE that differs from the
+    config a checkpoint was written with (`saved`, its JSON; None: nothing to compare).
+    With the cosine schedule `train.num_train_steps` sets the decay, so it must stay."""
+    if saved is None:
+        return []
+    now = _flat(json.loads(config.to_json_best_effort()))
+    saved = _flat(saved)
+    free = [p for p in RESUMABLE
+            if not (p == "train.num_train_steps" and now.get("train.schedule") == "cosine")]
+    return [f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
+            for k in sorted(set(now) | set(saved))
+            if saved.get(k) != now.get(k) and not any(fnmatch.fnmatch(k, p) for p in free)]
 
 
 class CheckpointError(RuntimeError):
@@ -60,6 +88,16 @@ class Checkpointer:
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(config_json)), force=True)
+
+    def saved_config(self) -> Optional[dict]:
+        """The config JSON of the newest step with a readable one (None if no step has)."""
+        for step in reversed(self.all_steps()):
+            try:
+                return self.manager.restore(step, args=ocp.args.Composite(
+                    config=ocp.args.JsonRestore()))["config"]
+            except Exception:  # noqa: BLE001 - restore_latest reports unreadable steps
+                continue
+        return None
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """The state of `step` restored into `abstract_state`'s shardings; sets the iterator."""

@@ -45,6 +45,7 @@ from switchjax.train.train_config import validate_train_config
 
 SECTIONS = ("model", "moe", "data", "train", "mesh", "seed")
 FINAL = "final_metrics.json"
+CONFIG_JSON = "config.json"
 DONE = "DONE"
 # Token-weighted in eval averages; everything else is a plain mean over batches.
 _TOKEN_WEIGHTED = ("task_loss", "accuracy", "logit_z_loss")
@@ -69,6 +70,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     cfg = ModelConfig.from_config(config)
     validate_train_config(config.train, cfg.num_moe_layers)
     data = config.data
+    for name, seed in (("seed", config.seed), ("data.shuffle_seed", data.shuffle_seed)):
+        if not (isinstance(seed, int) and seed >= 0):
+            raise ConfigError(f"{name}={seed!r}: must be an integer >= 0. Fix: e.g. 0.")
     _data().validate_data_config(data)
     wanted = "span_corruption" if cfg.family == "encoder_decoder" else "causal_lm"
     if data.objective != wanted:
@@ -201,6 +205,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoint_lib.Checkpointer(workdir, t.max_to_keep)
+    changes = checkpoint_lib.config_changes(ckpt.saved_config(), config)
+    if changes:
+        ckpt.close()
+        raise ConfigError(
+            f"{workdir} holds checkpoints of another config: {'; '.join(changes)}. Fix: rerun "
+            "with the values they were written with, or use a new --workdir (a resumed run "
+            f"may change only {', '.join(checkpoint_lib.RESUMABLE)}).")
     state, start_step = ckpt.restore_latest(abstract, train_iter)
     final_path = os.path.join(workdir, FINAL)
     finished = state is not None and start_step >= t.num_train_steps
@@ -222,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
     if run.is_chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
     train_step = jit_train_step(model, cfg, tx, shardings, mesh, rules, t.accum_steps)
@@ -244,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             weights.append(m["num_tokens"])
         result = _mean(records, weights)
         if cfg.num_moe_layers:
-            result["capacity_factor"] = cfg.moe.capacity_factor_eval
+            result["capacity_factor"] = cfg.moe.capacity_factor(train=False)
         writer.write(step, "eval", result)
         if run.is_chief:
             extra = (f" | dropped {100 * result['dropped_fraction']:.2f}%"

@@ -27,7 +27,7 @@ COLUMNS = ("variant", "status", "params_total", "params_active", "flops_per_toke
            "eval_dropped_fraction", "tokens_per_sec", "wall_time_sec")
 
 
-def _read_json(path: str) -> Optional[dict]:
+def read_json(path: str) -> Optional[dict]:
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -36,13 +36,13 @@ def _read_json(path: str) -> Optional[dict]:
 
 def load_run(workdir: str, name: Optional[str] = None) -> dict:
     """{'name', 'workdir', 'overrides', 'final' (or None), 'failed' (str or None), 'records'}."""
-    overrides = _read_json(os.path.join(workdir, OVERRIDES)) or {}
+    overrides = read_json(os.path.join(workdir, OVERRIDES)) or {}
     failed = None
     if os.path.exists(os.path.join(workdir, FAILED)):
         with open(os.path.join(workdir, FAILED)) as f:
             failed = f.read().strip()
     return {"name": name or os.path.basename(os.path.normpath(workdir)), "workdir": workdir,
-            "overrides": overrides, "final": _read_json(os.path.join(workdir,
+            "overrides": overrides, "final": read_json(os.path.join(workdir,
                                                                      "final_metrics.json")),
             "failed": failed, "records": read_jsonl(os.path.join(workdir, JSONL))}
 

@@ -27,8 +27,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
     """One optimizer step on `batch` ([B, ...] arrays), split into `accum_steps` microbatches.
 
     Microbatch i takes rows i, i + A, i + 2A, ... so every device contributes to
-    every microbatch. Metrics are averaged over microbatches; `grad_norm` is the
-    global norm of the accumulated gradient.
+    every microbatch. Gradients and metrics are averaged over microbatches weighted
+    by their loss tokens (`num_tokens`), so the task-loss gradient is the full
+    batch's whatever the padding; so are the router losses where the routed tokens
+    are the loss tokens (decoder-only). `grad_norm` is the global norm of the
+    accumulated gradient.
     """
     rng = jax.random.fold_in(rng, state.step)
     grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model=model, cfg=cfg, train=True),
@@ -43,14 +46,19 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
         def body(carry, inputs):
             i, mb = inputs
             (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-            return jax.tree.map(jnp.add, carry, (g, m)), None
+            n = m["num_tokens"].astype(jnp.float32)
+            acc, total = carry
+            return (jax.tree.map(lambda a, v: a + n * v, acc, (g, m)), total + n), None
 
         (_, m_shape), g_shape = jax.eval_shape(grad_fn, state.params,
                                                jax.tree.map(lambda x: x[0], micro), rng)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_shape, m_shape))
-        (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
-        grads = jax.tree.map(lambda g: g / accum_steps, grads)
-        metrics = jax.tree.map(lambda m: m / accum_steps, metrics)
+        ((grads, metrics), total), _ = jax.lax.scan(
+            body, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(accum_steps), micro))
+        scale = 1.0 / jnp.maximum(total, 1.0)
+        grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+        metrics = jax.tree.map(lambda m: m * scale, metrics)
+        metrics["num_tokens"] = total
     metrics["grad_norm"] = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 
 from switchjax.config import ConfigError
+from switchjax.train import checkpoint as checkpoint_lib
 from switchjax.train import loop, report
 
 
@@ -67,14 +68,32 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
     return config
 
 
+def _same(saved: dict, config: ml_collections.ConfigDict) -> bool:
+    return saved == json.loads(config.to_json_best_effort())
+
+
 def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: str,
               title: str = "") -> list[dict]:
-    """Runs the unfinished variants, writes the report into `workdir`; returns the runs."""
-    configs = []
+    """Runs the unfinished variants, writes the report into `workdir`; returns the runs.
+
+    A variant that ran before with another config (say the base config changed) is an
+    error before anything runs; one whose steps grew is continued, not skipped.
+    """
+    configs, unchanged = [], set()
     for overrides in variants:
         variant = apply_overrides(config, overrides)
         loop.validate_config(variant)  # all variants are checked before anything runs
-        configs.append((variant_name(overrides), overrides, variant))
+        name = variant_name(overrides)
+        configs.append((name, overrides, variant))
+        saved = report.read_json(os.path.join(workdir, name, loop.CONFIG_JSON))
+        changes = checkpoint_lib.config_changes(saved, variant)
+        if changes:
+            raise ConfigError(
+                f"sweep variant {name!r} in {os.path.join(workdir, name)} ran with another "
+                f"config: {'; '.join(changes)}. Fix: use a new sweep --workdir, or rerun "
+                "with the config it ran with.")
+        if saved is not None and _same(saved, variant):
+            unchanged.add(name)
     names = [n for n, _, _ in configs]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep() declares the same variant twice: {names}")
@@ -85,7 +104,8 @@ def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: 
         if is_chief:
             with open(os.path.join(run_dir, report.OVERRIDES), "w") as f:
                 json.dump(overrides, f)
-        if any(os.path.exists(os.path.join(run_dir, m)) for m in (loop.DONE, report.FAILED)):
+        if name in unchanged and any(os.path.exists(os.path.join(run_dir, m))
+                                     for m in (loop.DONE, report.FAILED)):
             logging.info("Skipping finished variant %s.", name)
             print(f"[sweep] {name}: finished, skipped", flush=True)
             continue
