@@ -189,8 +189,9 @@ def validate_mesh(cfg: ModelConfig, mesh: Mesh, global_batch_size: Optional[int]
 
 
 def maybe_initialize_distributed(mesh_cfg) -> None:
-    """Calls `jax.distributed.initialize` when `mesh.distributed` is set (multi-host)."""
-    if not mesh_cfg.distributed:
+    """Calls `jax.distributed.initialize` when `mesh.distributed` is set (multi-host),
+    once per process (a sweep runs several configs in one process)."""
+    if not mesh_cfg.distributed or jax.distributed.is_initialized():
         return
     kwargs = {}
     if mesh_cfg.coordinator_address:

@@ -108,6 +108,13 @@ def test_resume_with_another_config_is_refused(tmp_path):
     longer = loop.train_and_evaluate(tiny_config(num_train_steps=12, eval_every=4), workdir)
     assert longer["step"] == 12
 
+    # Killed after its last checkpoint, before final_metrics.json: the rerun's final
+    # metrics still hold the train metrics (from metrics.jsonl).
+    os.remove(os.path.join(workdir, loop.FINAL))
+    again = loop.train_and_evaluate(tiny_config(num_train_steps=12, eval_every=4), workdir)
+    assert {k: v for k, v in again.items() if k != "wall_time_sec"} == \
+        {k: v for k, v in longer.items() if k != "wall_time_sec"}
+
 
 def test_config_changes_allow_only_resumable_fields():
     saved = json.loads(tiny_config().to_json_best_effort())

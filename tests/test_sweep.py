@@ -78,6 +78,13 @@ def test_invalid_variant_is_rejected_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match="moe.router"):
         sweep.run_sweep(tiny_config(), [{"moe.jitter_noise": 0.0}, {"moe.router": "nope"}],
                         str(tmp_path))
+    # Also the checks that need the tokenizer or the devices.
+    with pytest.raises(ConfigError, match="model.vocab_size=300"):
+        sweep.run_sweep(tiny_config(), [{"moe.jitter_noise": 0.0}, {"model.vocab_size": 300}],
+                        str(tmp_path))
+    with pytest.raises(ConfigError, match="mesh"):
+        sweep.run_sweep(tiny_config(), [{"moe.jitter_noise": 0.0}, {"mesh.data": 3}],
+                        str(tmp_path))
     assert not os.listdir(tmp_path)
 
 

@@ -149,6 +149,14 @@ def _mean(records: list[dict], weights=None) -> dict:
     return out
 
 
+def _logged(workdir: str, split: str, step: int) -> dict:
+    """The `split` metrics logged at `step` in workdir's metrics.jsonl ({} if none)."""
+    for r in reversed(metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.JSONL))):
+        if r.get("split") == split and r.get("step") == step:
+            return {k: v for k, v in r.items() if k not in ("step", "split")}
+    return {}
+
+
 def _scalars(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
@@ -173,12 +181,18 @@ class _Run:
                 f"{self.tokenizer.vocab_size}.")
         self.is_chief = jax.process_index() == 0
 
-    def iterator(self, split: str):
+    def iterator(self, split: str, seed: int):
         t = self.config.train
         return _data().make_iterator(
             self.config.data, split, t.batch_size, process_index=jax.process_index(),
-            process_count=jax.process_count(), seed=self.config.seed, repeat=True,
+            process_count=jax.process_count(), seed=seed, repeat=True,
             tokenizer=self.tokenizer)
+
+
+def validate_run(config: ml_collections.ConfigDict) -> None:
+    """Every check `train_and_evaluate` makes before it compiles: the fields, the mesh
+    against the devices, the vocabulary against the tokenizer (built if not cached)."""
+    _Run(config, workdir="")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -200,7 +214,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     schedule = make_schedule(t)
     batch_shapes = dummy_batch(cfg, t.batch_size, max(inputs_length, 1), data.targets_length)
     abstract, shardings = state_shardings(model, tx, batch_shapes, mesh, rules)
-    train_iter, eval_iter = run.iterator(data.train_split), run.iterator(data.eval_split)
+    # The eval batches depend on data.shuffle_seed only, so runs that differ in `seed`
+    # are scored on the same text.
+    train_iter, eval_iter = run.iterator(data.train_split, config.seed), \
+        run.iterator(data.eval_split, 0)
     eval_start = eval_iter.get_state()
 
     os.makedirs(workdir, exist_ok=True)
@@ -319,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     progress.exclude(time.perf_counter() - paused)
             if not last_eval:  # restored at the last step but never finished
                 last_eval = evaluate(int(state.step))
+                last_train = last_train or _logged(workdir, "train", int(state.step))
         ckpt.wait()
     finally:
         writer.close()

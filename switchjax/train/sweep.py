@@ -82,7 +82,7 @@ def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: 
     configs, unchanged = [], set()
     for overrides in variants:
         variant = apply_overrides(config, overrides)
-        loop.validate_config(variant)  # all variants are checked before anything runs
+        loop.validate_run(variant)  # all variants are checked before anything runs
         name = variant_name(overrides)
         configs.append((name, overrides, variant))
         saved = report.read_json(os.path.join(workdir, name, loop.CONFIG_JSON))
