@@ -42,8 +42,8 @@ def load_run(workdir: str, name: Optional[str] = None) -> dict:
         with open(os.path.join(workdir, FAILED)) as f:
             failed = f.read().strip()
     return {"name": name or os.path.basename(os.path.normpath(workdir)), "workdir": workdir,
-            "overrides": overrides, "final": read_json(os.path.join(workdir,
-                                                                     "final_metrics.json")),
+            "overrides": overrides,
+            "final": read_json(os.path.join(workdir, "final_metrics.json")),
             "failed": failed, "records": read_jsonl(os.path.join(workdir, JSONL))}
 
 
