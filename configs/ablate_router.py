@@ -14,11 +14,11 @@ run: 600 steps, measured 1 min 56 s), ~2.5x more on a busy one; `:smoke`
 runs 30 tiny steps per variant (~15-20 s each).
 
 Expected (paper and GShard): top-2 and dropless a little better than top-1 per step,
-expert choice competitive. Measured (this sweep, 600 steps each, 2-core CPU shared with
-other jobs, 12-14 min in all): eval loss top-1 4.405, top-2 4.410, expert choice 4.411,
-dropless 4.405 (eval accuracy 0.314 / 0.314 / 0.310 / 0.315); train dropped 5.5% (top-1),
-0.01% (top-2), 13.5% of tokens unchosen (expert choice), 0 (dropless): at this scale
-the routers are indistinguishable within noise.
+expert choice competitive. Measured (this sweep, 600 steps each, 2-core CPU, 9 min in
+all): eval loss top-1 4.405, top-2 4.408, expert choice 4.406, dropless 4.405 (eval
+accuracy 0.313 / 0.313 / 0.315 / 0.315); train dropped 5.5% (top-1), 0.01% (top-2),
+13.9% of tokens unchosen (expert choice; 15.7% in eval, at the same capacity factor),
+0 (dropless): at this scale the routers are indistinguishable within noise.
 """
 from configs import common, cpu_base
 
