@@ -9,10 +9,10 @@ Runtime: 4 variants x ~2 min on a quiet 2-core CPU (each is the cpu_default
 run: 600 steps, measured 1 min 56 s), ~2.5x more on a busy one; `:smoke`
 runs 30 tiny steps per variant (~15-20 s each).
 
-Measured (this sweep, 600 steps each, 2-core CPU shared with other jobs, 2-3.5 min per
-variant): alpha 0 / 1e-3 / 1e-2 / 1e-1: aux loss at the end (summed over the 2 MoE layers,
-2.0 = uniform) 2.67 / 2.39 / 2.08 / 2.02, train dropped 28.8% / 19.6% / 12.4% / 10.1%,
-eval dropped 11.2% / 3.1% / 0.6% / 0.5%, eval loss 4.417 / 4.412 / 4.439 / 4.457. The
+Measured (this sweep, 600 steps each, 2-core CPU, 2-2.5 min per variant, 8 min 41 s in
+all): alpha 0 / 1e-3 / 1e-2 / 1e-1: aux loss at the end (summed over the 2 MoE layers,
+2.0 = uniform) 2.66 / 2.37 / 2.08 / 2.02, train dropped 28.8% / 19.5% / 12.4% / 9.9%,
+eval dropped 11.2% / 3.0% / 1.0% / 0.5%, eval loss 4.417 / 4.411 / 4.440 / 4.457. The
 balancing works as in the paper; the task-loss differences (< 0.05) are within this tiny
 model's noise, slightly favouring less balancing here.
 """
