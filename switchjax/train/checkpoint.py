@@ -40,6 +40,11 @@ RESUMABLE = ("train.num_train_steps", "train.log_every", "train.eval_every",
              "mesh.*", "data.data_dir", "data.num_workers")
 
 
+def config_json(config: ml_collections.ConfigDict) -> dict:
+    """The config as saved with a checkpoint and in `config.json` (JSON types)."""
+    return json.loads(config.to_json_best_effort())
+
+
 def _flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
@@ -53,7 +58,7 @@ def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict) -> 
     With the cosine schedule `train.num_train_steps` sets the decay, so it must stay."""
     if saved is None:
         return []
-    now = _flat(json.loads(config.to_json_best_effort()))
+    now = _flat(config_json(config))
     saved = _flat(saved)
     free = [p for p in RESUMABLE
             if not (p == "train.num_train_steps" and now.get("train.schedule") == "cosine")]
@@ -83,11 +88,10 @@ class Checkpointer:
         """Starts an async save of `step` (no-op if that step exists already)."""
         if step in self.manager.all_steps():
             return False
-        config_json = json.loads(config.to_json_best_effort())
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
-            config=ocp.args.JsonSave(config_json)), force=True)
+            config=ocp.args.JsonSave(config_json(config))), force=True)
 
     def saved_config(self) -> Optional[dict]:
         """The config JSON of the newest step with a readable one (None if no step has)."""

@@ -68,10 +68,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
     return config
 
 
-def _same(saved: dict, config: ml_collections.ConfigDict) -> bool:
-    return saved == json.loads(config.to_json_best_effort())
-
-
 def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: str,
               title: str = "") -> list[dict]:
     """Runs the unfinished variants, writes the report into `workdir`; returns the runs.
@@ -92,7 +88,7 @@ def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: 
                 f"sweep variant {name!r} in {os.path.join(workdir, name)} ran with another "
                 f"config: {'; '.join(changes)}. Fix: use a new sweep --workdir, or rerun "
                 "with the config it ran with.")
-        if saved is not None and _same(saved, variant):
+        if saved == checkpoint_lib.config_json(variant):
             unchanged.add(name)
     names = [n for n, _, _ in configs]
     if len(set(names)) != len(names):
