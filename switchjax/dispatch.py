@@ -70,6 +70,62 @@ def _take_rows_bwd(res, dy_MD):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
+def _varying_axes(x: jax.Array) -> frozenset:
+    """Manual mesh axes over which `x` varies inside shard_map (empty outside)."""
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
+
+
+def _sum_to_axes_of(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """Cotangent of a primal that is invariant over some axes: psum over them (as autodiff)."""
+    extra = _varying_axes(ct) - _varying_axes(primal)
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+FEW_ROWS = 64  # rows per expert below which the CPU data gradient takes the transposed form
+
+
+def expert_matmul(x_EXD: jax.Array, w_EDF: jax.Array) -> jax.Array:
+    """<[E, X, D]> · <[E, D, F]> -> <[E, X, F]>: every expert's rows times its weight.
+
+    With fewer than `FEW_ROWS` rows per expert the gradient is autodiff's except that,
+    on CPU, the data gradient dy·wᵀ is computed as (w·dyᵀ)ᵀ: with the weight as the
+    transposed operand XLA:CPU packs a transposed copy of every expert's weight per
+    call, which dominates when each expert has few rows. Measured here, gated expert
+    MLP forward + backward at D = 256, F = 1024, E·X = 2560, (w·dyᵀ)ᵀ / dy·wᵀ time:
+    0.71 at X = 20, 0.90 at X = 40, 1.04 at X = 80, 1.0 at X = 160 and 320.
+    """
+    if x_EXD.shape[1] >= FEW_ROWS:
+        return jnp.einsum("exd,edf->exf", x_EXD, w_EDF)
+    return _few_rows_matmul(x_EXD, w_EDF)
+
+
+@jax.custom_vjp
+def _few_rows_matmul(x_EXD, w_EDF):
+    return jnp.einsum("exd,edf->exf", x_EXD, w_EDF)
+
+
+def _few_rows_fwd(x_EXD, w_EDF):
+    return _few_rows_matmul(x_EXD, w_EDF), (x_EXD, w_EDF)
+
+
+def _few_rows_bwd(res, dy_EXF):
+    x_EXD, w_EDF = res
+
+    def transposed(dy, w):  # the barrier keeps XLA from folding the transpose into the dot
+        return jax.lax.optimization_barrier(jnp.einsum("edf,exf->edx", w, dy)).transpose(0, 2, 1)
+
+    dx = jax.lax.platform_dependent(dy_EXF, w_EDF, cpu=transposed,
+                                    default=lambda dy, w: jnp.einsum("exf,edf->exd", dy, w))
+    dw = jnp.einsum("exd,exf->edf", x_EXD, dy_EXF)
+    return (_sum_to_axes_of(dx.astype(x_EXD.dtype), x_EXD),
+            _sum_to_axes_of(dw.astype(w_EDF.dtype), w_EDF))
+
+
+_few_rows_matmul.defvjp(_few_rows_fwd, _few_rows_bwd)
+
+
 def _slot_maps(routing: Routing, num_tokens: int):
     """Flat row maps between tokens <[G·S]> (choices <[G·S·K]>) and slots <[E·G·C]> (E-major).
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchjax.dispatch import _take_rows, sort_by_expert
+from switchjax.dispatch import _sum_to_axes_of, _take_rows, expert_matmul, sort_by_expert
 from switchjax.routing import Routing
 
 
@@ -124,25 +124,10 @@ def _expert(params, e):
     return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False), params)
 
 
-def _matmul(a, w):
-    return a @ w
-
-
-def _stacked_matmul(a_ECD, w_EDF):
-    return jnp.einsum("ecd,edf->ecf", a_ECD, w_EDF)
-
-
-def _varying_axes(x: jax.Array) -> frozenset:
-    """Manual mesh axes over which `x` varies inside shard_map (empty outside)."""
-    t = jax.typeof(x)
-    mat = getattr(t, "manual_axis_type", None)
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
-
-
-def _sum_to_axes_of(ct: jax.Array, primal: jax.Array) -> jax.Array:
-    """Cotangent of a primal that is invariant over some axes: psum over them (as autodiff)."""
-    extra = _varying_axes(ct) - _varying_axes(primal)
-    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+def _matmul(a_TD, w_DF):
+    """A tile times one expert's weight: `expert_matmul` with one expert, for its CPU
+    data gradient when the tile has fewer than `dispatch.FEW_ROWS` rows."""
+    return expert_matmul(a_TD[None], w_DF[None])[0]
 
 
 def _vary_like(tree, *refs: jax.Array):
@@ -169,7 +154,7 @@ def _fused_fwd(mlp, capacity, tile, x_ND, params, maps):
     K, E = M // N, maps["slot_assign"].shape[0] // capacity
     refs = (x_ND, *jax.tree.leaves(params))
     x_ECD = _take_rows(x_ND, jnp.where(maps["slot_assign"] < M, maps["slot_assign"] // K, N))
-    y_ECD, bulk_vjp = jax.vjp(lambda x, p: mlp(p, x, _stacked_matmul, maps, 0),
+    y_ECD, bulk_vjp = jax.vjp(lambda x, p: mlp(p, x, expert_matmul, maps, 0),
                               *_vary_like((x_ECD.reshape(E, capacity, D), params), *refs))
     y_MD = _take_rows(y_ECD.reshape(E * capacity, -1), maps["assign_slot"])
 

@@ -172,8 +172,7 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
         with jax.named_scope("experts"):
             e, g, c, _ = x_EGCD.shape
             y_EXD = finish(expert_hidden(params, x_EGCD.reshape(e, g * c, D), cfg.activation,
-                                         m.expert_dropout, lambda a, w: jnp.einsum("exd,edf->exf", a, w),
-                                         dropout_rng))
+                                         m.expert_dropout, dispatch_lib.expert_matmul, dropout_rng))
             y_EGCD = y_EXD.reshape(e, g, c, D)
         with jax.named_scope("combine"):
             if expert_axis:
