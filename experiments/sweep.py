@@ -6,11 +6,15 @@
 One subdirectory per variant (named after its overrides); finished variants
 are skipped on a rerun; `--config.field=value` changes the base of all variants.
 """
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":  # before JAX starts its threads: see switchjax/malloc.py
+    from switchjax.malloc import keep_freed_memory
+    keep_freed_memory()
 
-from switchjax.train.metrics import setup_console_logging
-from switchjax.train.sweep import load_sweep, run_sweep
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from switchjax.train.metrics import setup_console_logging  # noqa: E402
+from switchjax.train.sweep import load_sweep, run_sweep  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]) "
                                           "that defines sweep().", lock_config=True)

@@ -7,11 +7,15 @@
 The config is locked: a misspelled `--config.field=value` is an error. Rerunning
 with the same --workdir resumes from its newest readable checkpoint.
 """
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":  # before JAX starts its threads: see switchjax/malloc.py
+    from switchjax.malloc import keep_freed_memory
+    keep_freed_memory()
 
-from switchjax.train import train_and_evaluate
-from switchjax.train.metrics import setup_console_logging
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from switchjax.train import train_and_evaluate  # noqa: E402
+from switchjax.train.metrics import setup_console_logging  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).",
                                           lock_config=True)

@@ -1,0 +1,47 @@
+"""glibc malloc settings for XLA:CPU: keep freed memory for reuse instead of unmapping it.
+
+XLA:CPU mallocs every execution's buffers and frees them when it ends. glibc serves a
+block above its mmap threshold (at most 32 MiB) with fresh pages, or from a thread's own
+arena, whose heaps cannot hold blocks over 64 MiB, and unmaps it on free: every call
+then page-faults all of its large buffers again. Measured on the 2-core CPU VM: a jitted
+`w * 2` of 128 MiB takes 57 ms with 32,768 page faults per call, 10 ms once freed memory
+is kept; a layer call of the benchmark's dense FFN faulted 60 MiB per call, the dropless
+MoE layer 20 MiB, so page faults also bias speed ratios between programs.
+
+`keep_freed_memory()` sets three `mallopt` parameters: one arena for all threads
+(M_ARENA_MAX = 1), no mmap'd blocks (M_MMAP_MAX = 0) and no trimming of the heap's top
+(M_TRIM_THRESHOLD = 2 GiB - 1). The process then keeps its peak heap. It must run before
+JAX starts its threads (a thread keeps the arena it first allocated from), so the CLIs in
+experiments/ call it before importing JAX. The same settings for any process:
+`GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647`.
+
+`SWITCHJAX_MALLOC`: `auto` (default: only where no JAX accelerator plugin is installed,
+so GPU/TPU hosts keep glibc's defaults), `reuse` (always), `default` (never).
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                       "jax_rocm7_plugin", "libtpu")
+MODES = ("auto", "reuse", "default")
+
+
+def keep_freed_memory() -> bool:
+    """Applies the settings above as `SWITCHJAX_MALLOC` says; returns whether it did
+    (False also where the C library is not glibc)."""
+    mode = os.environ.get("SWITCHJAX_MALLOC", "auto")
+    if mode not in MODES:
+        raise ValueError(f"SWITCHJAX_MALLOC={mode!r}: use one of {MODES}")
+    if mode == "default" or (mode == "auto" and any(
+            importlib.util.find_spec(p) is not None for p in ACCELERATOR_PLUGINS)):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return False
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))

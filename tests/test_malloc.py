@@ -1,0 +1,52 @@
+"""switchjax/malloc.py: with freed memory kept, a jitted program stops page-faulting its
+large buffers on every call; the environment variable selects the mode."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from switchjax import malloc
+
+PROBE = """
+import resource, sys
+from switchjax.malloc import keep_freed_memory
+applied = keep_freed_memory()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda w: w * 2)
+w = jnp.ones((64, 256, 1024))  # 64 MiB
+for _ in range(30):  # until the heap holds the calls' peak (buffers are freed asynchronously)
+    jax.block_until_ready(f(w))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    jax.block_until_ready(f(w))
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+def _probe(mode):
+    env = {**os.environ, "SWITCHJAX_MALLOC": mode, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return out[0] == "True", float(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_kept_memory_stops_page_faults_per_call():
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    applied, faults = _probe("default")
+    assert not applied and faults > 0.9 * pages  # each call faults its 64 MiB output again
+    applied, faults = _probe("reuse")
+    assert applied and faults < 0.05 * pages
+
+
+def test_modes(monkeypatch):
+    monkeypatch.setenv("SWITCHJAX_MALLOC", "sometimes")
+    with pytest.raises(ValueError, match="SWITCHJAX_MALLOC='sometimes'.*auto"):
+        malloc.keep_freed_memory()
+    monkeypatch.setenv("SWITCHJAX_MALLOC", "default")
+    assert malloc.keep_freed_memory() is False
+    # auto leaves glibc alone where an accelerator plugin is installed (json stands in)
+    monkeypatch.setenv("SWITCHJAX_MALLOC", "auto")
+    monkeypatch.setattr(malloc, "ACCELERATOR_PLUGINS", ("json",))
+    assert malloc.keep_freed_memory() is False
