@@ -17,6 +17,12 @@ from __future__ import annotations
 
 import os
 
+from switchjax.malloc import keep_freed_memory
+
+# Before JAX starts its threads. Without it glibc unmaps large freed buffers, and every
+# call page-faults them again, some programs more than others (switchjax/malloc.py).
+MALLOC_REUSE = keep_freed_memory() if __name__ == "__main__" else False
+
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
@@ -126,21 +132,31 @@ class Runner:
 
 
 def interleaved(runners: dict, reps: int, warmup: int = 2) -> dict:
-    """Runs every runner `warmup` times, then `reps` rounds of one call each.
+    """Runs every runner `warmup` times, then `reps` rounds of one call each, in reverse
+    order every other round (a call can run faster or slower for what ran just before).
 
-    Returns {name: {"times": [...], "cpu_times": [...]}}, wall and process CPU seconds.
+    Returns {name: {"times": [...], "cpu_times": [...], "faults": [...]}}: wall and
+    process CPU seconds, and the process's minor page faults, per call.
     """
     for r in runners.values():
         for _ in range(warmup):
             r()
-    out = {n: {"times": [], "cpu_times": []} for n in runners}
-    for _ in range(reps):
-        for name, r in runners.items():
+    out = {n: {"times": [], "cpu_times": [], "faults": []} for n in runners}
+    names = list(runners)
+    for i in range(reps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             w, c = time.perf_counter(), time.process_time()
-            r()
+            runners[name]()
             out[name]["times"].append(time.perf_counter() - w)
             out[name]["cpu_times"].append(time.process_time() - c)
+            out[name]["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     return out
+
+
+def fault_mib(t: dict) -> float:
+    """Median page-faulted MiB per call of one runner's `interleaved` record."""
+    return float(np.median(t["faults"])) * resource.getpagesize() / 2**20
 
 
 def median_ratio(num: list, den: list) -> float:
@@ -213,6 +229,7 @@ def bench_layer(args, size) -> list:
             "ratio": median_ratio(t["moe"]["times"], t["dense"]["times"]),
             "cpu_ratio": median_ratio(t["moe"]["cpu_times"], t["dense"]["cpu_times"]),
             "flop_ratio": fl["ratio_to_dense"], "dropped_fraction": dropped,
+            "fault_mib": fault_mib(t["moe"]), "dense_fault_mib": fault_mib(t["dense"]),
             "compile_s": moe_compile, "dense_compile_s": dense_compile,
             "memory": moe_mem, "dense_memory": dense_mem, **rss()})
         print(f"[layer] {dispatch:6s} cf={cf} ratio={rows[-1]['ratio']:.3f} "
@@ -238,22 +255,43 @@ def tokens_of(batch: dict) -> int:
     return int(sum(v.size for k, v in batch.items() if k.endswith("input_tokens")))
 
 
-def train_runner(config, batch):
-    """A jitted train step (value_and_grad of total_loss + AdamW), compiled, state donated."""
+def make_tx():
+    return optax.adamw(1e-3, weight_decay=0.01)
+
+
+def init_state(config, batch):
+    """(cfg, model, tx, TrainState) of `config`: parameters initialised on `batch`, AdamW."""
     from switchjax.train.state import TrainState
-    from switchjax.train.step import train_step
     import flax.linen as nn
     cfg = ModelConfig.from_config(config)
     model = make_model(cfg)
-    tx = optax.adamw(1e-3, weight_decay=0.01)
+    tx = make_tx()
     params = nn.meta.unbox(jax.jit(lambda r: model.init({"params": r, "dropout": r}, batch,
                                                          train=False))(jax.random.key(0))["params"])
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return cfg, model, tx, TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                      opt_state=tx.init(params))
+
+
+def train_runner(config, batch):
+    """A jitted train step (value_and_grad of total_loss + AdamW), compiled, state donated."""
+    from switchjax.train.step import train_step
+    cfg, model, tx, state = init_state(config, batch)
     step = jax.jit(functools.partial(train_step, model=model, cfg=cfg, tx=tx), donate_argnums=0)
     compiled, secs = compile_timed(step, state, batch, jax.random.key(1))
-    n_params = sum(p.size for p in jax.tree.leaves(params))
+    n_params = sum(p.size for p in jax.tree.leaves(state.params))
     return Runner(compiled, (state, batch, jax.random.key(1)), carry=True), secs, \
         memory_of(compiled), cfg, n_params
+
+
+def optimizer_runner(config, batch):
+    """The train step's optimizer update alone (`step.apply_gradients`: AdamW and the
+    gradient norm), state donated, on fixed gradients: the step's work per parameter."""
+    from switchjax.train.step import apply_gradients
+    _, _, tx, state = init_state(config, batch)
+    grads = jax.tree.map(lambda p: 1e-3 * p, state.params)
+    update = jax.jit(functools.partial(apply_gradients, tx=tx), donate_argnums=0)
+    compiled, _ = compile_timed(update, state, grads)
+    return Runner(compiled, (state, grads), carry=True)
 
 
 def mfu(cfg: ModelConfig, batch: dict, seconds: float):
@@ -349,6 +387,20 @@ def bench_scaling(args, size) -> dict:
         print(f"[scaling] E={E} S={S} step {out['experts'][-1]['step_s']:.3f}s "
               f"({vs['step']:.2f}x) layer {out['experts'][-1]['layer_s']:.3f}s "
               f"({vs['layer']:.2f}x)", flush=True)
+    # Work per parameter: the optimizer update alone at the first and the largest E, as a
+    # fraction of the first E's step, is a floor under "vs first" at this batch size.
+    opt = {"first_step": first[1]}
+    for name, config in (("first", first[0]), ("last", experts_config(size["experts"][-1])[0])):
+        opt[name] = optimizer_runner(config, make_batch(ModelConfig.from_config(config), B, L, L))
+    t = interleaved(opt, args.reps)
+    med = {k: float(np.median(v["times"])) for k, v in t.items()}
+    out["optimizer"] = {"first_s": med["first"], "last_s": med["last"],
+                        "first_step_s": med["first_step"],
+                        "floor_vs_first": 1.0 + (med["last"] - med["first"]) / med["first_step"]}
+    del opt
+    print(f"[scaling] optimizer update alone: {1e3 * med['first']:.1f} ms at E="
+          f"{size['experts'][0]}, {1e3 * med['last']:.1f} ms at E={size['experts'][-1]}: "
+          f"floor {out['optimizer']['floor_vs_first']:.2f}x", flush=True)
     config, step1, _, compile1, mem1 = first  # tokens x1 = the first experts config
     cfg = ModelConfig.from_config(config)
     runners, info = {}, {}
@@ -418,7 +470,7 @@ def bench_expert_parallel(args, size) -> list:
     config = make_config(args, size, **over)
     cfg = ModelConfig.from_config(config)
     batch = make_batch(cfg, size["batch"], size["length"], size["length"])
-    tx = optax.adamw(1e-3, weight_decay=0.01)
+    tx = make_tx()
     model = make_model(cfg)
     rows, runners = [], {}
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
@@ -463,6 +515,7 @@ def machine_info() -> dict:
             "num_devices": len(jax.devices()), "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__),
             "python": platform.python_version(), "machine": platform.machine(),
+            "malloc_reuse": MALLOC_REUSE, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
             "loadavg_start": list(os.getloadavg())}
 
 
@@ -499,7 +552,9 @@ def write_markdown(results: dict, path: str) -> None:
              f"Medians of {a['reps']} interleaved repetitions after warm-up "
              f"({LAYER_REPS * a['reps']} for the MoE layer); ratios are medians "
              f"of per-round ratios. Activation {a['activation']}, model dispatch "
-             f"'{a['dispatch']}'.", ""]
+             f"'{a['dispatch']}'. malloc: "
+             + ("freed memory kept (switchjax/malloc.py)" if m.get("malloc_reuse") else
+                f"glibc as configured (GLIBC_TUNABLES={m.get('glibc_tunables')})") + ".", ""]
     if results.get("targets"):
         lines += ["## Targets", "", "| metric | value | target | met |", "|---|---|---|---|"]
         for k, v in results["targets"].items():
@@ -510,15 +565,16 @@ def write_markdown(results: dict, path: str) -> None:
                   "E experts, S tokens per group, C capacity; dense = `layers.Mlp` with d_ff·k. "
                   "`flop ratio` is `flops.moe_layer_flops(...)['ratio_to_dense']`.", "",
                   "| dispatch | CF | E | S | C | MoE ms | dense ms | time ratio | CPU-time ratio "
-                  "| flop ratio | dropped | compile s | temp MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| flop ratio | dropped | compile s | temp MiB | page faults MiB/call MoE / dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["layer"]:
             lines.append(
                 f"| {r['dispatch']} | {r['capacity_factor'] or 'dropless'} | {r['experts']} | "
                 f"{r['group_size']} | {r['capacity'] if r['capacity'] is not None else '-'} | "
                 f"{1e3 * r['moe_s']:.1f} | {1e3 * r['dense_s']:.1f} | **{r['ratio']:.3f}** | "
                 f"{r['cpu_ratio']:.3f} | {r['flop_ratio']:.3f} | {r['dropped_fraction']:.3f} | "
-                f"{r['compile_s']:.2f} | {_mib(r['memory'].get('temp_bytes'))} |")
+                f"{r['compile_s']:.2f} | {_mib(r['memory'].get('temp_bytes'))} | "
+                f"{r['fault_mib']:.1f} / {r['dense_fault_mib']:.1f} |")
         lines.append("")
     if results.get("model"):
         lines += ["## 2. Whole-model training throughput: Switch vs FLOP-matched dense", "",
@@ -560,6 +616,14 @@ def write_markdown(results: dict, path: str) -> None:
                 f"{1e3 * r['layer_s']:.1f} | {r['layer_vs_first']:.2f} | "
                 f"{r['layer_compile_s']:.1f} | {r['flop_ratio']:.3f} | "
                 f"{_mib(r['memory'].get('temp_bytes'))} |")
+        o = sc.get("optimizer")
+        if o:
+            lines += ["", f"Work per parameter: the optimizer update alone (AdamW and the gradient "
+                      f"norm, `step.apply_gradients`) takes {1e3 * o['first_s']:.1f} ms at "
+                      f"E={sc['experts'][0]['experts']} and {1e3 * o['last_s']:.1f} ms at "
+                      f"E={sc['experts'][-1]['experts']}; the difference alone puts the E="
+                      f"{sc['experts'][-1]['experts']} step at >= **{o['floor_vs_first']:.2f}x** "
+                      f"the E={sc['experts'][0]['experts']} step at this batch size."]
         lines += ["", "| tokens x | tokens/step | train step s | vs x1 | compile s | temp MiB |",
                   "|---|---|---|---|---|---|"]
         for r in sc["tokens"]:

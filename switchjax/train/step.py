@@ -59,10 +59,16 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
         metrics = jax.tree.map(lambda m: m * scale, metrics)
         metrics["num_tokens"] = total
-    metrics["grad_norm"] = optax.global_norm(grads)
+    state, metrics["grad_norm"] = apply_gradients(state, grads, tx)
+    return state, metrics
+
+
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation):
+    """One optimizer update: (the next state, the global norm of `grads`)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+            optax.global_norm(grads))
 
 
 def eval_step(params, batch: dict, *, model: nn.Module, cfg: ModelConfig) -> dict:
