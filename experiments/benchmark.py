@@ -3,15 +3,17 @@ Switch vs FLOP-matched dense models, scaling in experts and tokens, expert-paral
 overhead (8 simulated host devices) and memory. Writes results.md, results.json and
 scaling.png into --out.
 
-    python -m experiments.benchmark --out /tmp/bench            # 5-8 min on a 2-core CPU
-    python -m experiments.benchmark --out /tmp/bench --smoke    # tiny sizes, 1 rep: ~1.5 min
+    python -m experiments.benchmark --out /tmp/bench            # 8-9 min on a 2-core CPU
+    python -m experiments.benchmark --out /tmp/bench --smoke    # tiny sizes, 1 rep: ~3 min
     python -m experiments.benchmark --out /tmp/bench --sections layer,model --reps 9
 
 Every number is measured after compilation and warm-up; times are medians over --reps
 rounds (3x as many for the MoE layer section, whose calls are short). Within a round the
-candidates run back to back (dense, sparse, dense, ...), and a ratio is the median of the
-per-round ratios, so a load spike on a shared machine hits both sides of a ratio. On an
-accelerator it also reports model FLOPs utilisation.
+candidates run back to back (dense, sparse, ..., reversed every other round), and a ratio
+is the median of the per-round ratios, so a load spike on a shared machine hits both sides
+of a ratio. It keeps freed memory as the train CLI does (switchjax/malloc.py;
+SWITCHJAX_MALLOC=default measures glibc's defaults). On an accelerator it also reports
+model FLOPs utilisation.
 """
 from __future__ import annotations
 
@@ -677,6 +679,9 @@ def write_plot(results: dict, path: str) -> None:
     ax.plot(E, [r["layer_vs_first"] for r in sc["experts"]], "s-", label="MoE layer fwd+bwd")
     ax.plot(E, [r["step_compile_s"] / sc["experts"][0]["step_compile_s"] for r in sc["experts"]],
             "^--", label="train step compile time")
+    if sc.get("optimizer"):
+        ax.plot([E[-1]], [sc["optimizer"]["floor_vs_first"]], "kx",
+                label="floor: optimizer update alone")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("experts E (same active parameters)")
