@@ -5,8 +5,8 @@ block above its mmap threshold (at most 32 MiB) with fresh pages, or from a thre
 arena, whose heaps cannot hold blocks over 64 MiB, and unmaps it on free: every call
 then page-faults all of its large buffers again. Measured on the 2-core CPU VM: a jitted
 `w * 2` of 128 MiB takes 57 ms with 32,768 page faults per call, 10 ms once freed memory
-is kept; a layer call of the benchmark's dense FFN faulted 60 MiB per call, the dropless
-MoE layer 20 MiB, so page faults also bias speed ratios between programs.
+is kept. They also bias speed ratios between programs: in the benchmark's layer section
+the dense FFN faulted ~53 MiB per call, the ragged MoE layers 0.
 
 `keep_freed_memory()` sets three `mallopt` parameters: one arena for all threads
 (M_ARENA_MAX = 1), no mmap'd blocks (M_MMAP_MAX = 0) and no trimming of the heap's top

@@ -9,7 +9,7 @@ import pytest
 from switchjax import malloc
 
 PROBE = """
-import resource, sys
+import resource
 from switchjax.malloc import keep_freed_memory
 applied = keep_freed_memory()
 import jax, jax.numpy as jnp
