@@ -29,8 +29,20 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
     n = jnp.maximum(weights.sum(), 1e-8)
     task = jnp.sum((lse - target_logit) * weights) / n
     z = logit_z_loss * jnp.sum(lse ** 2 * weights) / n
-    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / n
+    accuracy = jnp.sum(is_argmax(logits, targets, target_logit) * weights) / n
     return task, z, accuracy, weights.sum()
+
+
+def is_argmax(logits: jax.Array, targets: jax.Array, target_logit: jax.Array) -> jax.Array:
+    """`argmax(logits, -1) == targets` (ties: the first maximum) from two max-reductions.
+
+    The target is the argmax iff its logit is a maximum and every earlier logit is
+    smaller. XLA:CPU runs the index-tracking reduction of `jnp.argmax` as a scalar
+    loop: on [2048, 8192] logits 39 ms against 7 ms for this (measured here).
+    """
+    earlier = jnp.arange(logits.shape[-1]) < targets[..., None]
+    max_before = jnp.max(jnp.where(earlier, logits, -jnp.inf), axis=-1)
+    return (target_logit >= jnp.max(logits, axis=-1)) & (target_logit > max_before)
 
 
 def total_loss(logits: jax.Array, stats: Optional[RouterStats], batch: dict,

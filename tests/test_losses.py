@@ -47,6 +47,18 @@ def test_cross_entropy_matches_numpy_reference():
     np.testing.assert_allclose(float(task2), float(task), rtol=1e-6)
 
 
+def test_is_argmax_equals_argmax_with_ties():
+    rng = np.random.default_rng(3)
+    logits = rng.integers(0, 3, (64, 9)).astype(np.float32)  # many ties, first max wins
+    logits[0] = 0.0
+    logits[1, 4] = np.inf
+    targets = rng.integers(0, 9, (64,)).astype(np.int32)
+    targets[:9] = np.arange(9)
+    target_logit = np.take_along_axis(logits, targets[:, None], -1)[:, 0]
+    got = jax.jit(losses.is_argmax)(logits, targets, target_logit)
+    np.testing.assert_array_equal(np.asarray(got), logits.argmax(-1) == targets)
+
+
 def test_logit_z_loss_term():
     logits, targets, weights = _data(1)
     task0 = losses.cross_entropy(logits, targets, weights, 0.0)[0]
