@@ -10,10 +10,12 @@ the dense FFN faulted ~53 MiB per call, the ragged MoE layers 0.
 
 `keep_freed_memory()` sets three `mallopt` parameters: one arena for all threads
 (M_ARENA_MAX = 1), no mmap'd blocks (M_MMAP_MAX = 0) and no trimming of the heap's top
-(M_TRIM_THRESHOLD = 2 GiB - 1). The process then keeps its peak heap. It must run before
-JAX starts its threads (a thread keeps the arena it first allocated from), so the CLIs in
-experiments/ call it before importing JAX. The same settings for any process:
-`GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647`.
+(M_TRIM_THRESHOLD = -1, which mallopt(3) defines as "never"; a finite threshold such as
+2 GiB still hands the top back, and the next call faults it in again, once a big model's
+heap has that much free at its top). The process then keeps its peak heap. It must run
+before JAX starts its threads (a thread keeps the arena it first allocated from), so the
+CLIs in experiments/ call it before importing JAX. The same settings for any process:
+`GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615`.
 
 `SWITCHJAX_MALLOC`: `auto` (default: only where no JAX accelerator plugin is installed,
 so GPU/TPU hosts keep glibc's defaults), `reuse` (always), `default` (never).
@@ -44,4 +46,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (macOS, musl)
         return False
     return all(mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))

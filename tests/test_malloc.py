@@ -40,6 +40,30 @@ def test_kept_memory_stops_page_faults_per_call():
     assert applied and faults < 0.05 * pages
 
 
+TRIM_PROBE = """
+import resource
+from switchjax.malloc import keep_freed_memory
+keep_freed_memory()
+import numpy as np
+n = 5 * 2**30 // 2 // 8  # 2.5 GiB: freed, the heap's top is above any 2 GiB threshold
+a = np.ones(n)
+del a
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+b = np.ones(n)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_kept_memory_is_never_trimmed():
+    """A big freed block stays mapped: allocating it again faults nothing (with a finite
+    trim threshold of 2 GiB glibc handed the top back and every page faulted again)."""
+    env = {**os.environ, "SWITCHJAX_MALLOC": "reuse"}
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert int(out) < 100
+
+
 def test_modes(monkeypatch):
     monkeypatch.setenv("SWITCHJAX_MALLOC", "sometimes")
     with pytest.raises(ValueError, match="SWITCHJAX_MALLOC='sometimes'.*auto"):
