@@ -232,7 +232,7 @@ def test_expert_weights_split_and_all_to_all(family):
     rng = jax.random.key(1)
     with jax.set_mesh(mesh):
         lowered = step.lower(state, batch, rng)
-        assert "shard_map" in str(jax.make_jaxpr(step)(state, batch, rng))
+        assert "shard_map" in str(step.trace(state, batch, rng).jaxpr)
     hlo = lowered.compile(FAST).as_text()
     n = count_all_to_all(hlo)
     print(f"\n{family}: {cfg.num_moe_layers} MoE layers, {n} all-to-alls in the compiled "
@@ -247,9 +247,25 @@ def test_expert_weights_split_and_all_to_all(family):
     dp_step = step_lib.jit_train_step(model, cfg, tx, dp_shardings, dp_mesh, dp_rules)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     with jax.set_mesh(dp_mesh):  # per-device layer, but no exchange with an expert axis of 1
-        assert "shard_map" in str(jax.make_jaxpr(dp_step)(abstract, batch, rng))
+        assert "shard_map" in str(dp_step.trace(abstract, batch, rng).jaxpr)
     assert loss_and_grads(family, "top1", (8, 1, 1))[3] == 0
     assert loss_and_grads(family, "top1", (1, 8, 1))[3] == 4 * cfg.num_moe_layers
+
+
+def test_train_step_updates_parameters_in_place_on_cpu():
+    """`jit_train_step` compiles with `step.train_compiler_options()`: on CPU the donated
+    parameters are updated in place, with no copy of them at the start of the step
+    (XLA:CPU's default copy insertion makes one per parameter)."""
+    cfg, model, batch, mesh, rules, tx, state, shardings = created_state(
+        "decoder_only", (1, 1, 1), "adamw")
+    step = step_lib.jit_train_step(model, cfg, tx, shardings, mesh, rules)
+    with jax.set_mesh(mesh):
+        lowered = step.lower(state, batch, jax.random.key(1))
+    param_copy = r"= f32\[[\d,]*\]\S* copy\(%state_params"
+    assert step_lib.train_compiler_options()
+    assert not re.findall(param_copy, lowered.compile().as_text())
+    default = lowered.compile({"xla_cpu_copy_insertion_use_region_analysis": False})
+    assert re.findall(param_copy, default.as_text())
 
 
 # ----------------------------------------------------------------------------- requested = applied
