@@ -4,7 +4,7 @@ overhead and memory. Writes results.md, results.json and scaling.png into --out.
 CPU host with fewer than 8 devices the expert-parallel section runs in a child process
 on 8 simulated host devices; everything else runs on the process's own devices.
 
-    python -m experiments.benchmark --out /tmp/bench            # 5-6 min on a 2-core CPU
+    python -m experiments.benchmark --out /tmp/bench            # 6-7 min on a 2-core CPU
     python -m experiments.benchmark --out /tmp/bench --smoke    # tiny sizes, 1 rep: ~2 min
     python -m experiments.benchmark --out /tmp/bench --sections layer,model --reps 9
 
@@ -597,8 +597,9 @@ def check_targets(results: dict) -> dict:
     floor = f"; floor: the experts alone {alone[0]:.3f}" if alone else ""
     cap = [(r["ratio"], r["dispatch"]) for r in layer if r["capacity_factor"] == 1.25]
     if cap:
-        out["layer_best_capacity_cf1.25"] = (*min(cap)[:1], f"best of {len(cap)} dispatches: "
-                                             f"{min(cap)[1]}{floor}")
+        best, dispatch = min(cap)
+        out["layer_best_capacity_cf1.25"] = (best, f"best of {len(cap)} dispatches: "
+                                                   f"{dispatch}{floor}")
     drop = [r["ratio"] for r in layer if r["router"] == "dropless"]
     if drop:
         out["layer_dropless"] = (drop[0], f"ragged dispatch{floor}, plus the assignments "
