@@ -177,9 +177,15 @@ def layer_runner(module, x, dy, aux_coef):
     a MoE layer needs y for its gate gradients either way).
     """
     params = module.init(jax.random.key(0), x, train=True)["params"]
+    return grad_runner(lambda p, x: module.apply({"params": p}, x, train=True), params, x, dy,
+                       aux_coef)
+
+
+def grad_runner(apply, params, x, dy, aux_coef):
+    """`layer_runner` for any `apply(params, x)` -> y or (y, RouterStats)."""
 
     def loss(p, x):
-        out = module.apply({"params": p}, x, train=True)
+        out = apply(p, x)
         if isinstance(out, tuple):
             y, stats = out
             return jnp.vdot(y, dy) + aux_coef * stats.aux_loss, (stats.dropped_fraction, y)
@@ -242,32 +248,22 @@ def bench_layer(args, size) -> list:
     return rows
 
 
-class ExpertsAlone(nn.Module):
-    """The stacked experts of a MoE layer with no router: [B, L, D] as [E, B·L/E, D], each
-    expert its own contiguous rows (a perfectly balanced load, nothing dropped)."""
+def bench_experts_alone(args, size, x, dy, dense_runner) -> dict:
+    """The floor of every static-shape dispatch: a MoE layer's stacked experts with no
+    router, [B, L, D] as [E, B·L/E, D], each expert its own contiguous rows (a perfectly
+    balanced load, nothing dropped)."""
+    cfg = ModelConfig.from_config(make_config(args, size))
+    dense, _, dense_mem = dense_runner
+    params = nn.meta.unbox(MoeLayer(cfg).init(jax.random.key(0), x, train=True)["params"])
+    params.pop("router")
+    E, (B, L, D) = cfg.moe.num_experts, x.shape
 
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x_BLD, *, train: bool):
-        cfg, (B, L, D) = self.config, x_BLD.shape
-        E, F = cfg.moe.num_experts, cfg.d_ff
-        init = nn.initializers.variance_scaling(cfg.moe.expert_init_scale, "fan_in",
-                                                "truncated_normal", in_axis=-2, out_axis=-1,
-                                                batch_axis=(0,))
-        names = ["wi", "wi_gate", "wo"] if cfg.activation.startswith("gated_") else ["wi", "wo"]
-        params = {n: self.param(n, init, (E, F, D) if n == "wo" else (E, D, F), jnp.float32)
-                  for n in names}
-        y = expert_hidden(params, x_BLD.reshape(E, B * L // E, D), cfg.activation, 0.0,
+    def apply(p, x_BLD):
+        y = expert_hidden(p, x_BLD.reshape(E, B * L // E, D), cfg.activation, 0.0,
                           expert_matmul, None)
         return y.reshape(B, L, D)
 
-
-def bench_experts_alone(args, size, x, dy, dense_runner) -> dict:
-    """The floor of every static-shape dispatch: the stacked experts at M/E rows each."""
-    cfg = ModelConfig.from_config(make_config(args, size))
-    dense, _, dense_mem = dense_runner
-    experts, secs, mem = layer_runner(ExpertsAlone(cfg), x, dy, 0.0)
+    experts, secs, mem = grad_runner(apply, params, x, dy, 0.0)
     t = interleaved({"dense": dense, "experts": experts}, TARGET_REPS * args.reps)
     row = {"dispatch": "experts alone", "router": None, "capacity_factor": None,
            "experts": cfg.moe.num_experts, "group_size": None, "capacity": None,
