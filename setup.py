@@ -7,7 +7,7 @@ setup(
     description="Switch Transformers (sparse Mixture-of-Experts) in JAX/Flax",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["switchjax", "switchjax.*", "configs", "experiments"]),
+    packages=find_packages(include=["switchjax", "switchjax.*"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

@@ -12,7 +12,7 @@ Every number is measured after compilation and warm-up; times are medians over -
 rounds (3x as many for the layer and whole-model ratios, the targets). Within a round the
 candidates run back to back (dense, sparse, ..., reversed every other round), and a ratio
 is the median of the per-round ratios, so a load spike on a shared machine hits both sides
-of a ratio. It keeps freed memory as the train CLI does (switchjax/malloc.py;
+of a ratio. It keeps freed memory as the train CLI does (experiments/malloc.py;
 SWITCHJAX_MALLOC=default measures glibc's defaults). On an accelerator it also reports
 model FLOPs utilisation.
 """
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import os
 
-from switchjax.malloc import keep_freed_memory
+from experiments.malloc import keep_freed_memory
 
 # Before JAX starts its threads. Without it glibc unmaps large freed buffers, and every
-# call page-faults them again, some programs more than others (switchjax/malloc.py).
+# call page-faults them again, some programs more than others (experiments/malloc.py).
 MALLOC_REUSE = keep_freed_memory() if __name__ == "__main__" else False
 
 import argparse  # noqa: E402
@@ -46,10 +46,10 @@ import optax  # noqa: E402
 
 from switchjax import flops  # noqa: E402
 from switchjax.config import ModelConfig, model_config_dict  # noqa: E402
-from switchjax.dispatch import expert_matmul  # noqa: E402
-from switchjax.layers import Mlp  # noqa: E402
+from switchjax import kernels  # noqa: E402
+from switchjax.layers import Mlp, ffn  # noqa: E402
 from switchjax.models import make_model  # noqa: E402
-from switchjax.moe import MoeLayer, expert_hidden  # noqa: E402
+from switchjax.moe import MoeLayer  # noqa: E402
 from switchjax.routing import expert_capacity  # noqa: E402
 
 # Dense bf16 peak FLOP/s per chip, matched against `device_kind` (first hit wins).
@@ -259,8 +259,8 @@ def bench_experts_alone(args, size, x, dy, dense_runner) -> dict:
     E, (B, L, D) = cfg.moe.num_experts, x.shape
 
     def apply(p, x_BLD):
-        y = expert_hidden(p, x_BLD.reshape(E, B * L // E, D), cfg.activation, 0.0,
-                          expert_matmul, None)
+        y = ffn(p, x_BLD.reshape(E, B * L // E, D), cfg.activation, 0.0,
+                kernels.expert_matmul(cfg.moe.expert_kernel), None)
         return y.reshape(B, L, D)
 
     experts, secs, mem = grad_runner(apply, params, x, dy, 0.0)
@@ -314,10 +314,10 @@ def init_state(config, batch):
 
 def train_runner(config, batch):
     """A jitted train step (value_and_grad of total_loss + AdamW), compiled, state donated."""
-    from switchjax.train.step import train_compiler_options, train_step
+    from switchjax.train.step import train_step
     cfg, model, tx, state = init_state(config, batch)
     step = jax.jit(functools.partial(train_step, model=model, cfg=cfg, tx=tx), donate_argnums=0,
-                   compiler_options=train_compiler_options())
+                   compiler_options=kernels.train_compiler_options())
     compiled, secs = compile_timed(step, state, batch, jax.random.key(1))
     n_params = sum(p.size for p in jax.tree.leaves(state.params))
     return Runner(compiled, (state, batch, jax.random.key(1)), carry=True), secs, \
@@ -327,11 +327,11 @@ def train_runner(config, batch):
 def optimizer_runner(config, batch):
     """The train step's optimizer update alone (`step.apply_gradients`: AdamW and the
     gradient norm), state donated, on fixed gradients: the step's work per parameter."""
-    from switchjax.train.step import apply_gradients, train_compiler_options
+    from switchjax.train.step import apply_gradients
     _, _, tx, state = init_state(config, batch)
     grads = jax.tree.map(lambda p: 1e-3 * p, state.params)
     update = jax.jit(functools.partial(apply_gradients, tx=tx), donate_argnums=0,
-                     compiler_options=train_compiler_options())
+                     compiler_options=kernels.train_compiler_options())
     compiled, _ = compile_timed(update, state, grads)
     return Runner(compiled, (state, grads), carry=True)
 
@@ -633,7 +633,7 @@ def write_markdown(results: dict, path: str) -> None:
              f"({TARGET_REPS * a['reps']} for the MoE layer and whole model); ratios are "
              f"medians of per-round ratios. Activation {a['activation']}, model dispatch "
              f"'{a['dispatch']}'. malloc: "
-             + ("freed memory kept (switchjax/malloc.py)" if m.get("malloc_reuse") else
+             + ("freed memory kept (experiments/malloc.py)" if m.get("malloc_reuse") else
                 f"glibc as configured (GLIBC_TUNABLES={m.get('glibc_tunables')})") + ".", ""]
     if results.get("targets"):
         lines += ["## Targets", "", "| metric | value | target | met | measured on |",

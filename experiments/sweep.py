@@ -6,8 +6,8 @@
 One subdirectory per variant (named after its overrides); finished variants
 are skipped on a rerun; `--config.field=value` changes the base of all variants.
 """
-if __name__ == "__main__":  # before JAX starts its threads: see switchjax/malloc.py
-    from switchjax.malloc import keep_freed_memory
+if __name__ == "__main__":  # before JAX starts its threads: see experiments/malloc.py
+    from experiments.malloc import keep_freed_memory
     keep_freed_memory()
 
 from absl import app, flags  # noqa: E402

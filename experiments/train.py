@@ -7,8 +7,8 @@
 The config is locked: a misspelled `--config.field=value` is an error. Rerunning
 with the same --workdir resumes from its newest readable checkpoint.
 """
-if __name__ == "__main__":  # before JAX starts its threads: see switchjax/malloc.py
-    from switchjax.malloc import keep_freed_memory
+if __name__ == "__main__":  # before JAX starts its threads: see experiments/malloc.py
+    from experiments.malloc import keep_freed_memory
     keep_freed_memory()
 
 from absl import app, flags  # noqa: E402

@@ -18,14 +18,34 @@ ROUNDINGS = ("floor", "ceil", "round")
 FAMILIES = ("encoder_decoder", "decoder_only")
 ACTIVATIONS = ("relu", "gelu", "gated_gelu", "gated_silu")
 DTYPES = ("float32", "bfloat16")
+EXPERT_KERNELS = ("auto", "xla", "cpu")  # see switchjax/kernels.py
 
 
 class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field and the fix."""
+    """A user input that cannot work; the message names the field, the value, the problem
+    and the fix."""
 
 
-def _fail(field: str, value, problem: str, fix: str):
+def fail(field: str, value, problem: str, fix: str):
+    """Raises `ConfigError("<field>=<value>: <problem>. Fix: <fix>.")`: the one message
+    style of every check of user input."""
     raise ConfigError(f"{field}={value!r}: {problem}. Fix: {fix}.")
+
+
+def check_groups(group_size: int, rows: int, lengths, shards: int = 1) -> None:
+    """`moe.group_size` (S tokens, 0 = one group per sequence) must cut the `rows x length`
+    tokens of every stack into whole groups, a multiple of `shards` (mesh data x expert:
+    each device routes whole groups) of them."""
+    for length in lengths:
+        tokens = rows * length
+        S = group_size or length
+        if tokens % S or (tokens // S) % shards:
+            fail("moe.group_size", group_size,
+                 f"the {rows}x{length} tokens of a (micro)batch do not form whole groups"
+                 + (f", a multiple of mesh data x expert = {shards} of them" if shards > 1
+                    else ""),
+                 "use a group size that divides batch_size*length"
+                 + ("/(data*expert)" if shards > 1 else "") + ", or 0 (one group per sequence)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +79,7 @@ class MoeConfig:
     z_loss_coef: float = 0.0  # c_z (router z-loss)
     dropped_token_output: str = "zeros"  # 'zeros' (paper) | 'hf' (transformers quirk)
     expert_parallel: bool = True  # shard_map per device (all_to_all if mesh.expert > 1); False: GSPMD
+    expert_kernel: str = "auto"  # 'auto' | 'xla' | 'cpu': how the experts are computed (kernels.py)
 
     def capacity_factor(self, train: bool) -> float:
         """The capacity factor in force: `capacity_factor_train` in training and
@@ -106,7 +127,7 @@ class ModelConfig:
                                        ("moe", config.moe, moe_fields)):
             unknown = sorted(set(section.keys()) - known)
             if unknown:
-                _fail(f"{prefix}.{unknown[0]}", section[unknown[0]], "is not a known field",
+                fail(f"{prefix}.{unknown[0]}", section[unknown[0]], "is not a known field",
                       f"use one of {sorted(known)}")
         moe = MoeConfig(**config.moe.to_dict())
         cfg = cls(**config.model.to_dict(), moe=moe)
@@ -127,90 +148,93 @@ class ModelConfig:
     def validate(self) -> None:
         m = self.moe
         if self.family not in FAMILIES:
-            _fail("model.family", self.family, "unknown model family", f"use one of {FAMILIES}")
+            fail("model.family", self.family, "unknown model family", f"use one of {FAMILIES}")
         if self.activation not in ACTIVATIONS:
-            _fail("model.activation", self.activation, "unknown activation",
+            fail("model.activation", self.activation, "unknown activation",
                   f"use one of {ACTIVATIONS}")
         for name in ("dtype",):
             if getattr(self, name) not in DTYPES:
-                _fail(f"model.{name}", getattr(self, name), "unknown dtype", f"use one of {DTYPES}")
+                fail(f"model.{name}", getattr(self, name), "unknown dtype", f"use one of {DTYPES}")
         for name in ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim",
                      "relative_attention_num_buckets", "num_decoder_layers"):
             if getattr(self, name) <= 0:
-                _fail(f"model.{name}", getattr(self, name), "must be positive",
+                fail(f"model.{name}", getattr(self, name), "must be positive",
                       "set a positive integer")
         if self.family == "encoder_decoder" and self.num_encoder_layers <= 0:
-            _fail("model.num_encoder_layers", self.num_encoder_layers,
+            fail("model.num_encoder_layers", self.num_encoder_layers,
                   "an encoder-decoder needs encoder layers",
                   "set it > 0 or use model.family='decoder_only'")
         if not 0.0 <= self.dropout_rate < 1.0:
-            _fail("model.dropout_rate", self.dropout_rate, "must be in [0, 1)", "e.g. 0.1")
+            fail("model.dropout_rate", self.dropout_rate, "must be in [0, 1)", "e.g. 0.1")
         for stack in ("encoder", "decoder"):
             self.moe_layer_indices(stack)  # raises on a bad spec
         if self.num_moe_layers == 0:
             return
         if m.router not in ROUTERS:
-            _fail("moe.router", m.router, "unknown router", f"use one of {ROUTERS}")
+            fail("moe.router", m.router, "unknown router", f"use one of {ROUTERS}")
         if m.dispatch not in DISPATCHES:
-            _fail("moe.dispatch", m.dispatch, "unknown dispatch", f"use one of {DISPATCHES}")
+            fail("moe.dispatch", m.dispatch, "unknown dispatch", f"use one of {DISPATCHES}")
+        if m.expert_kernel not in EXPERT_KERNELS:
+            fail("moe.expert_kernel", m.expert_kernel, "unknown kernel",
+                  f"use one of {EXPERT_KERNELS}")
         if m.num_experts < 1:
-            _fail("moe.num_experts", m.num_experts, "needs at least one expert", "set it >= 1")
+            fail("moe.num_experts", m.num_experts, "needs at least one expert", "set it >= 1")
         k = m.num_selected_experts
         if m.router == "top1" and k != 1:
-            _fail("moe.num_selected_experts", k, "router 'top1' selects exactly one expert",
+            fail("moe.num_selected_experts", k, "router 'top1' selects exactly one expert",
                   "set it to 1 or use moe.router='topk'")
         if m.router == "expert_choice" and k != 1:
-            _fail("moe.num_selected_experts", k, "expert choice has no per-token k: each "
+            fail("moe.num_selected_experts", k, "expert choice has no per-token k: each "
                   "expert takes C tokens, on average capacity_factor_train experts per token",
                   "leave it at 1 and set moe.capacity_factor_train")
         if m.router == "expert_choice" and m.batch_prioritized:
-            _fail("moe.batch_prioritized", m.batch_prioritized,
+            fail("moe.batch_prioritized", m.batch_prioritized,
                   "expert choice already picks tokens by router probability",
                   "set it False")
         if k < 1 or k > m.num_experts:
-            _fail("moe.num_selected_experts", k,
+            fail("moe.num_selected_experts", k,
                   f"must be between 1 and moe.num_experts={m.num_experts}",
                   "lower K or add experts")
         if m.router == "dropless" and m.dispatch != "ragged":
-            _fail("moe.dispatch", m.dispatch,
+            fail("moe.dispatch", m.dispatch,
                   "dropless routing has no capacity and needs the ragged dispatch",
                   "use moe.dispatch='ragged' with moe.router='dropless'")
         if m.router == "expert_choice" and m.dispatch == "ragged":
-            _fail("moe.dispatch", m.dispatch,
+            fail("moe.dispatch", m.dispatch,
                   "the ragged dispatch runs token-choice routing (top1, topk, dropless)",
                   "use moe.dispatch='gather' or 'einsum' with expert choice")
         for name in ("capacity_factor_train", "capacity_factor_eval"):
             if getattr(m, name) <= 0:
-                _fail(f"moe.{name}", getattr(m, name), "must be > 0",
+                fail(f"moe.{name}", getattr(m, name), "must be > 0",
                       "use e.g. 1.25 (train) / 2.0 (eval)")
         if m.capacity_rounding not in ROUNDINGS:
-            _fail("moe.capacity_rounding", m.capacity_rounding, "unknown rounding",
+            fail("moe.capacity_rounding", m.capacity_rounding, "unknown rounding",
                   f"use one of {ROUNDINGS}")
         for name, zero in (("min_capacity", "no minimum"), ("fixed_capacity", "use the formula"),
                            ("group_size", "one group per sequence")):
             if getattr(m, name) < 0:
-                _fail(f"moe.{name}", getattr(m, name), "must be >= 0",
+                fail(f"moe.{name}", getattr(m, name), "must be >= 0",
                       f"set it >= 0 (0 = {zero})")
         if m.second_expert_policy not in ("all", "random"):
-            _fail("moe.second_expert_policy", m.second_expert_policy, "unknown policy",
+            fail("moe.second_expert_policy", m.second_expert_policy, "unknown policy",
                   "use 'all' or 'random'")
         if m.router_dtype not in DTYPES:
-            _fail("moe.router_dtype", m.router_dtype, "unknown dtype", f"use one of {DTYPES}")
+            fail("moe.router_dtype", m.router_dtype, "unknown dtype", f"use one of {DTYPES}")
         if not 0.0 <= m.jitter_noise < 1.0:
-            _fail("moe.jitter_noise", m.jitter_noise, "must be in [0, 1)", "the paper uses 0.01")
+            fail("moe.jitter_noise", m.jitter_noise, "must be in [0, 1)", "the paper uses 0.01")
         if not 0.0 <= m.expert_dropout < 1.0:
-            _fail("moe.expert_dropout", m.expert_dropout, "must be in [0, 1)", "e.g. 0.4")
+            fail("moe.expert_dropout", m.expert_dropout, "must be in [0, 1)", "e.g. 0.4")
         if m.dropped_token_output not in ("zeros", "hf"):
-            _fail("moe.dropped_token_output", m.dropped_token_output, "unknown mode",
+            fail("moe.dropped_token_output", m.dropped_token_output, "unknown mode",
                   "use 'zeros' or 'hf'")
         if m.router == "expert_choice" and self.moe_layer_indices("decoder"):
-            _fail("moe.router", m.router,
+            fail("moe.router", m.router,
                   "expert-choice routing picks tokens by looking at the whole group, including "
                   "future tokens, so it cannot run in a causal decoder",
                   "use a token-choice router, or set model.decoder_moe_layers='none' "
                   "(encoder-decoder only)")
         if m.batch_prioritized and m.router != "dropless" and self.moe_layer_indices("decoder"):
-            _fail("moe.batch_prioritized", m.batch_prioritized,
+            fail("moe.batch_prioritized", m.batch_prioritized,
                   "batch-prioritized routing gives slots by router probability over the whole "
                   "group, so a later token can take an earlier token's slot: not causal in a "
                   "decoder", "set it False, or model.decoder_moe_layers='none'")
@@ -227,10 +251,10 @@ def parse_layer_spec(spec: str, num_layers: int, field: str) -> tuple[int, ...]:
     try:
         idx = tuple(sorted({int(s) for s in spec.split(",")}))
     except ValueError:
-        _fail(field, spec, "is not a layer spec",
+        fail(field, spec, "is not a layer spec",
               "use 'every_other', 'all', 'none' or comma-separated indices like '1,3'")
     if idx and (idx[0] < 0 or idx[-1] >= num_layers):
-        _fail(field, spec, f"indices must be in [0, {num_layers})", "fix the layer indices")
+        fail(field, spec, f"indices must be in [0, {num_layers})", "fix the layer indices")
     return idx
 
 

@@ -8,15 +8,14 @@ K choices per token, M = G·S·K token-expert assignments.
 * gather: each slot gathers its token, each token gathers its K slots back
   (gradients are gathers too, through the inverse maps); no [S, E, C] tensor.
   Same numbers as einsum, always.
-* ragged: sorts the kept assignments by expert and runs the experts with
-  `jax.lax.ragged_dot` on contiguous groups: no empty slots (required by dropless,
-  also runs capacity routing; on CPU moe.py uses `dropless_cpu` instead).
+* ragged: sorts the kept assignments by expert and runs the experts on contiguous
+  groups (`jax.lax.ragged_dot`, see kernels.py): no empty slots (required by
+  dropless, also runs capacity routing).
 
 Capacity paths return an expert buffer <[E, G, C, D]>; empty slots hold zeros.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -39,91 +38,36 @@ def einsum_combine(y_EGCD: jax.Array, routing: Routing, num_tokens: int) -> jax.
     return jnp.einsum("gecs,egcd->gsd", combine_GECS, y_EGCD)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=())
+@jax.custom_vjp
 def take_rows(x_ND: jax.Array, idx_M: jax.Array, inv_NR: jax.Array) -> jax.Array:
     """y[m] = x[idx[m]] (zero where idx[m] == N), with a gather, not a scatter, as gradient.
 
     inv_NR: <int32>[N, R] every m with idx[m] == n (padded with M): the gradient is
-    dx[n] = Σ_r dy[inv[n, r]]. On CPU the scatter-add that autodiff would emit for
-    the transpose of a gather is a serial loop; the inverse map makes it a gather.
+    dx[n] = Σ_r dy[inv[n, r]], a gather through the inverse map instead of the
+    scatter-add that autodiff emits for the transpose of a gather (deterministic, and
+    XLA:CPU runs a scatter-add as a serial loop).
     """
-    return _take_rows(x_ND, idx_M)
+    return gather_rows(x_ND, idx_M)
 
 
-def _take_rows(x_ND, idx_M):
+def gather_rows(x_ND: jax.Array, idx_M: jax.Array) -> jax.Array:
     """x[idx] along axis 0, zero rows where idx is out of range (the sentinels)."""
     return jnp.take(x_ND, idx_M, axis=0, mode="fill", fill_value=0)
 
 
 def _take_rows_fwd(x_ND, idx_M, inv_NR):
-    return _take_rows(x_ND, idx_M), (idx_M, inv_NR)
+    return gather_rows(x_ND, idx_M), (idx_M, inv_NR)
 
 
 def _take_rows_bwd(res, dy_MD):
     idx_M, inv_NR = res
     N, R = inv_NR.shape
-    dx = _take_rows(dy_MD, inv_NR.reshape(-1)).reshape(N, R, -1).sum(axis=1)
+    dx = gather_rows(dy_MD, inv_NR.reshape(-1)).reshape(N, R, -1).sum(axis=1)
     zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
     return dx, zero(idx_M), zero(inv_NR)
 
 
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
-
-
-def _varying_axes(x: jax.Array) -> frozenset:
-    """Manual mesh axes over which `x` varies inside shard_map (empty outside)."""
-    t = jax.typeof(x)
-    mat = getattr(t, "manual_axis_type", None)
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
-
-
-def _sum_to_axes_of(ct: jax.Array, primal: jax.Array) -> jax.Array:
-    """Cotangent of a primal that is invariant over some axes: psum over them (as autodiff)."""
-    extra = _varying_axes(ct) - _varying_axes(primal)
-    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
-
-
-FEW_ROWS = 64  # rows per expert below which the CPU data gradient takes the transposed form
-
-
-def expert_matmul(x_EXD: jax.Array, w_EDF: jax.Array) -> jax.Array:
-    """<[E, X, D]> · <[E, D, F]> -> <[E, X, F]>: every expert's rows times its weight.
-
-    With fewer than `FEW_ROWS` rows per expert the gradient is autodiff's except that,
-    on CPU, the data gradient dy·wᵀ is computed as (w·dyᵀ)ᵀ: with the weight as the
-    transposed operand XLA:CPU packs a transposed copy of every expert's weight per
-    call, which dominates when each expert has few rows. Measured here, gated expert
-    MLP forward + backward at D = 256, F = 1024, E·X = 2560, (w·dyᵀ)ᵀ / dy·wᵀ time:
-    0.71 at X = 20, 0.90 at X = 40, 1.04 at X = 80, 1.0 at X = 160 and 320.
-    """
-    if x_EXD.shape[1] >= FEW_ROWS:
-        return jnp.einsum("exd,edf->exf", x_EXD, w_EDF)
-    return _few_rows_matmul(x_EXD, w_EDF)
-
-
-@jax.custom_vjp
-def _few_rows_matmul(x_EXD, w_EDF):
-    return jnp.einsum("exd,edf->exf", x_EXD, w_EDF)
-
-
-def _few_rows_fwd(x_EXD, w_EDF):
-    return _few_rows_matmul(x_EXD, w_EDF), (x_EXD, w_EDF)
-
-
-def _few_rows_bwd(res, dy_EXF):
-    x_EXD, w_EDF = res
-
-    def transposed(dy, w):  # the barrier keeps XLA from folding the transpose into the dot
-        return jax.lax.optimization_barrier(jnp.einsum("edf,exf->edx", w, dy)).transpose(0, 2, 1)
-
-    dx = jax.lax.platform_dependent(dy_EXF, w_EDF, cpu=transposed,
-                                    default=lambda dy, w: jnp.einsum("exf,edf->exd", dy, w))
-    dw = jnp.einsum("exd,exf->edf", x_EXD, dy_EXF)
-    return (_sum_to_axes_of(dx.astype(x_EXD.dtype), x_EXD),
-            _sum_to_axes_of(dw.astype(w_EDF.dtype), w_EDF))
-
-
-_few_rows_matmul.defvjp(_few_rows_fwd, _few_rows_bwd)
 
 
 def _slot_maps(routing: Routing, num_tokens: int):

@@ -7,13 +7,38 @@ Weights use the truncated normal of the Switch paper, std = sqrt(s / fan_in).
 """
 from __future__ import annotations
 
+import functools
 import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from switchjax.config import ModelConfig
-from switchjax.moe import expert_hidden
+
+
+def activation_fn(name: str):
+    return {"relu": jax.nn.relu, "gelu": functools.partial(jax.nn.gelu, approximate=True),
+            "gated_gelu": functools.partial(jax.nn.gelu, approximate=True),
+            "gated_silu": jax.nn.silu}[name]
+
+
+def ffn(params: dict, x: jax.Array, activation: str, dropout_rate: float, matmul,
+        dropout_rng):
+    """The FFN body act(x·wi) [* x·wi_gate] -> dropout -> ·wo, with `matmul(x, w)`.
+
+    The dense MLP (x <[N, D]>, w <[D, F]>, matmul `@`), the stacked experts (x
+    <[E, X, D]>, w <[E, D, F]>, a batched matmul) and the ragged experts (x <[M, D]>
+    sorted by expert, `ragged_dot`) all compute this one function.
+    """
+    dtype = x.dtype
+    h = activation_fn(activation)(matmul(x, params["wi"].astype(dtype)))
+    if activation.startswith("gated_"):
+        h = h * matmul(x, params["wi_gate"].astype(dtype))
+    if dropout_rng is not None and dropout_rate > 0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, h.shape)
+        h = jnp.where(keep, h / (1.0 - dropout_rate), 0).astype(dtype)
+    return matmul(h, params["wo"].astype(dtype))
 
 
 def truncated_normal(scale: float, names: tuple, **kw):
@@ -124,7 +149,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Dense FFN act(x·wi) [* x·wi_gate] -> dropout -> ·wo, the expert body without E."""
+    """Dense FFN <[B, L, D]> -> <[B, L, D]>: `ffn` on the [B·L, D] token rows."""
 
     config: ModelConfig
 
@@ -138,5 +163,7 @@ class Mlp(nn.Module):
                                            (D, F), jnp.float32)
         params["wo"] = self.param("wo", truncated_normal(s, ("mlp", "embed")), (F, D), jnp.float32)
         rng = self.make_rng("dropout") if train and cfg.dropout_rate > 0 else None
-        return expert_hidden(params, x_BLD, cfg.activation, cfg.dropout_rate,
-                             lambda a, w: a @ w, rng)
+        B, L, _ = x_BLD.shape
+        y_ND = ffn(params, x_BLD.reshape(B * L, D), cfg.activation, cfg.dropout_rate,
+                   lambda a, w: a @ w, rng)
+        return y_ND.reshape(B, L, D)

@@ -19,14 +19,16 @@ groups and would be replicated on every device.)
 
 The ragged dispatch (dropless, or top1/topk computing only their kept assignments)
 under expert parallelism all-gathers the tokens of the expert-axis peers, runs the
-local experts on the assignments that belong to them (`ragged_dot`; on CPU
-`dropless_cpu`), and reduce-scatters the sums back: exact, no fixed buffers, at the
-price of moving every token to every expert shard of its data row.
+local experts on the assignments that belong to them, and reduce-scatters the sums
+back: exact, no fixed buffers, at the price of moving every token to every expert
+shard of its data row. How the experts are computed (`moe.expert_kernel`) is
+chosen in kernels.py.
 Capacity is per group, so the result never depends on the mesh.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import flax.linen as nn
@@ -35,41 +37,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from switchjax import dispatch as dispatch_lib
-from switchjax import dropless_cpu
+from switchjax import kernels
 from switchjax import routing as routing_lib
-from switchjax.config import ModelConfig
+from switchjax.config import ModelConfig, check_groups, fail
+from switchjax.layers import ffn
 
 BATCH_AXES = ("data", "expert")  # mesh axes the token groups are split over
-
-
-def activation_fn(name: str):
-    return {"relu": jax.nn.relu, "gelu": functools.partial(jax.nn.gelu, approximate=True),
-            "gated_gelu": functools.partial(jax.nn.gelu, approximate=True),
-            "gated_silu": jax.nn.silu}[name]
-
-
-def expert_hidden(params, x, activation: str, dropout_rate: float, matmul, dropout_rng):
-    """Shared FFN body: act(x·wi) [* x·wi_gate] -> dropout -> ·wo, with `matmul(x, w)`.
-
-    Used by the dense MLP (matmul = @), the stacked experts (batched einsum) and
-    dropless experts (ragged_dot), so all three compute the same function.
-    """
-    if params["wi"].ndim == 2 and x.ndim > 2:
-        # Dense FFN on [B, L, D]: the same position-wise function on [B·L, D] rows. XLA:CPU
-        # runs the backward of the rank-3 form ~2x slower (gated GELU), so flatten. The
-        # dropout mask draws the same bits for either shape.
-        y = expert_hidden(params, x.reshape(-1, x.shape[-1]), activation, dropout_rate,
-                          matmul, dropout_rng)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    dtype = x.dtype
-    h = activation_fn(activation)(matmul(x, params["wi"].astype(dtype)))
-    if activation.startswith("gated_"):
-        h = h * matmul(x, params["wi_gate"].astype(dtype))
-    rate = dropout_rate
-    if dropout_rng is not None and rate > 0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, h.shape)
-        h = jnp.where(keep, h / (1.0 - rate), 0).astype(dtype)
-    return matmul(h, params["wo"].astype(dtype))
 
 
 def router_probs(w_DE: jax.Array, x_GSD: jax.Array, cfg: ModelConfig,
@@ -142,27 +115,21 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
         return jax.lax.psum(y, model_axis) if model_axis else y
 
     if m.dispatch == "ragged":  # kept assignments sorted by expert: no empty slots
-        # Rows one expert gets when the load is balanced (expert parallel: of all n
-        # devices' tokens): the CPU path's batched part has that many per expert.
-        n = jax.lax.axis_size(expert_axis) if expert_axis else 1
-        balanced = -(-n * G * S * routing.expert_index.shape[-1] // E)
-        mlp = functools.partial(_expert_mlp, activation=cfg.activation, rate=m.expert_dropout)
         weights = {k: params[k] for k in ("wi", "wi_gate", "wo") if k in params}
+        mlp = functools.partial(_expert_mlp, activation=cfg.activation, rate=m.expert_dropout)
+        # Assignments per expert when the load is balanced (of all n expert-axis peers'
+        # tokens under expert parallelism).
+        n = jax.lax.axis_size(expert_axis) if expert_axis else 1
+        mean_load = -(-n * G * S * routing.expert_index.shape[-1] // E)
 
-        def apply_fn(x, r, num_experts):  # TPU/GPU: grouped matmuls; CPU: dropless_cpu
-            def grouped(x):
-                return dispatch_lib.ragged_apply(x, r, num_experts, lambda x_MD, sizes: mlp(
-                    weights, x_MD, lambda a, w: jax.lax.ragged_dot(a, w, sizes), dropout_rng))
-
-            def cpu(x):
-                return dropless_cpu.bulk_dropless_apply(x, r, num_experts, mlp, weights,
-                                                        balanced, rng=dropout_rng)
-            return finish(jax.lax.platform_dependent(x, cpu=cpu, default=grouped))
+        def experts(x, r, num_experts):
+            return finish(kernels.ragged_experts(m.expert_kernel, x, r, num_experts, mlp,
+                                                 weights, mean_load, dropout_rng))
         with jax.named_scope("ragged_experts"):
             if expert_axis is None:
-                y = apply_fn(x_GSD, routing, E)
+                y = experts(x_GSD, routing, E)
             else:
-                y = _ragged_expert_parallel(x_GSD, routing, E, apply_fn, expert_axis)
+                y = _ragged_expert_parallel(x_GSD, routing, E, experts, expert_axis)
     else:
         dispatch_fn, combine_fn = dispatch_lib.DISPATCH[m.dispatch]
         with jax.named_scope("dispatch"):
@@ -171,8 +138,9 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
                 x_EGCD = jax.lax.all_to_all(x_EGCD, expert_axis, 0, 1, tiled=True)
         with jax.named_scope("experts"):
             e, g, c, _ = x_EGCD.shape
-            y_EXD = finish(expert_hidden(params, x_EGCD.reshape(e, g * c, D), cfg.activation,
-                                         m.expert_dropout, dispatch_lib.expert_matmul, dropout_rng))
+            y_EXD = finish(ffn(params, x_EGCD.reshape(e, g * c, D), cfg.activation,
+                               m.expert_dropout, kernels.expert_matmul(m.expert_kernel),
+                               dropout_rng))
             y_EGCD = y_EXD.reshape(e, g, c, D)
         with jax.named_scope("combine"):
             if expert_axis:
@@ -185,10 +153,10 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
 
 
 def _expert_mlp(params, x, matmul, rng, activation, rate):
-    return expert_hidden(params, x, activation, rate, matmul, rng)
+    return ffn(params, x, activation, rate, matmul, rng)
 
 
-def _ragged_expert_parallel(x_GSD, routing, num_experts, apply_fn, expert_axis):
+def _ragged_expert_parallel(x_GSD, routing, num_experts, experts_fn, expert_axis):
     """Dropless with experts split over `expert_axis`: all-gather, local ragged, reduce-scatter."""
     n = jax.lax.axis_size(expert_axis)
     e_local = num_experts // n
@@ -199,7 +167,7 @@ def _ragged_expert_parallel(x_GSD, routing, num_experts, apply_fn, expert_axis):
     local = (gathered.expert_index >= first) & (gathered.expert_index < first + e_local)
     mine = routing_lib.Routing(gathered.expert_index - first, gathered.gate,
                                gathered.kept & local)
-    y_all = apply_fn(x_all, mine, e_local)
+    y_all = experts_fn(x_all, mine, e_local)
     return jax.lax.psum_scatter(y_all, expert_axis, scatter_dimension=0, tiled=True)
 
 
@@ -239,19 +207,15 @@ class MoeLayer(nn.Module):
         params["wo"] = self.param("wo", init(m.expert_init_scale, ("expert", "mlp", "embed"),
                                              **stacked), (E, F, D), jnp.float32)
 
+        mesh = _manual_mesh(cfg)
+        check_groups(m.group_size, B, (L,), _batch_shards(mesh))
         S = m.group_size or L
-        if (B * L) % S:
-            raise ValueError(f"moe.group_size={m.group_size} does not divide the {B}x{L}={B * L} "
-                             "tokens of this batch: pick a divisor of batch_size*length "
-                             "(0 = one group per sequence)")
         G = B * L // S
         x_GSD = x_BLD.reshape(G, S, D)
         mask_GS = None if token_mask_BL is None else token_mask_BL.reshape(G, S)
         needs_rng = train and (m.jitter_noise > 0 or m.expert_dropout > 0
                                or m.second_expert_policy == "random")
         rng = self.make_rng("dropout") if needs_rng else None
-
-        mesh = _manual_mesh(cfg)
         if mesh is None:
             y, stats = moe_forward(params, x_GSD, mask_GS, cfg, train=train, rng=rng)
         else:
@@ -259,20 +223,21 @@ class MoeLayer(nn.Module):
         return y.reshape(B, L, D), stats
 
 
+def _batch_shards(mesh) -> int:
+    """Devices the token groups are split over (data x expert), 1 without a mesh."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+
+
 def _sharded_forward(params, x_GSD, mask_GS, cfg, train, rng, mesh):
     """`moe_forward` under shard_map: groups over ('data','expert'), experts over 'expert'."""
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    shards = 1
-    for a in batch_axes:
-        shards *= mesh.shape[a]
     n_expert = mesh.shape["expert"] if "expert" in mesh.axis_names else 1
-    if x_GSD.shape[0] % shards:
-        raise ValueError(f"{x_GSD.shape[0]} token groups cannot be split over the {shards} "
-                         f"data x expert devices: make batch_size*length/moe.group_size a "
-                         "multiple of mesh data*expert (or change moe.group_size)")
     if cfg.moe.num_experts % n_expert:
-        raise ValueError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by the mesh "
-                         f"'expert' axis ({n_expert}): change mesh.expert or moe.num_experts")
+        fail("moe.num_experts", cfg.moe.num_experts,
+             f"is not divisible by the mesh 'expert' axis ({n_expert})",
+             "change mesh.expert or moe.num_experts")
     model_axis = "model" if "model" in mesh.axis_names and mesh.shape["model"] > 1 else None
     expert_axis = "expert" if n_expert > 1 else None
     w_spec = {"router": P(), "wi": P(expert_axis, None, model_axis),
@@ -287,7 +252,10 @@ def _sharded_forward(params, x_GSD, mask_GS, cfg, train, rng, mesh):
         return moe_forward(params, x, mask, cfg, train=train, rng=rng, expert_axis=expert_axis,
                            model_axis=model_axis, stats_axes=batch_axes)
 
+    # check_vma=False: the custom VJPs inside (dispatch.take_rows, the CPU kernels) then
+    # return plain per-device cotangents; shard_map's transpose sums them over the axes
+    # a parameter is replicated on.
     fn = jax.shard_map(local, mesh=mesh,
                        in_specs=(param_specs, g_spec, g_spec if mask_GS is not None else P(), P()),
-                       out_specs=(g_spec, P()))
+                       out_specs=(g_spec, P()), check_vma=False)
     return fn(params, x_GSD, mask_GS, rng)

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from switchjax.config import ConfigError, ModelConfig
+from switchjax.config import ConfigError, ModelConfig, check_groups
 
 MESH_AXES = ("data", "expert", "model")
 BATCH = ("data", "expert")
@@ -176,16 +176,8 @@ def validate_mesh(cfg: ModelConfig, mesh: Mesh, global_batch_size: Optional[int]
                           f"{jax.process_count()} processes, so processes would share batch "
                           "rows. Fix: keep mesh.model within one host (at most its local "
                           "device count) and put the hosts on data/expert.")
-    S = moe.group_size
-    if cfg.num_moe_layers and S and d * e > 1 and moe.expert_parallel:
-        for L in lengths:
-            if (global_batch_size * L) % S or (global_batch_size * L // S) % (d * e):
-                raise ConfigError(
-                    f"moe.group_size={S}: the {global_batch_size}x{L} tokens do not form a "
-                    f"multiple of mesh.data x mesh.expert = {d * e} groups, which the "
-                    "MoE layers need (each device routes whole groups). Fix: use a group "
-                    "size that divides batch_size*length/(data*expert), or 0 (one group per "
-                    "sequence).")
+    if cfg.num_moe_layers and moe.expert_parallel:
+        check_groups(moe.group_size, global_batch_size, lengths, d * e)
 
 
 def maybe_initialize_distributed(mesh_cfg) -> None:

@@ -96,3 +96,29 @@ def records(workdir: str, split: str) -> dict:
         if r["split"] == split:
             out[r["step"]] = r
     return out
+
+
+def wrap_train_step(monkeypatch, before_step):
+    """Makes `loop`'s jitted train step call `before_step(step, state) -> state` with the
+    number of the step about to run (1-based) and the state it will get."""
+    from switchjax.train import loop
+    original = loop.jit_train_step
+
+    def jit_train_step(*args, **kwargs):
+        step_fn = original(*args, **kwargs)
+
+        def wrapped(state, batch, rng):
+            return step_fn(before_step(int(state.step) + 1, state), batch, rng)
+        return wrapped
+    monkeypatch.setattr(loop, "jit_train_step", jit_train_step)
+
+
+def poison_router(params, cfg, layer: int):
+    """Params with the router weight of MoE layer `layer` (encoder first) set to NaN."""
+    import jax.numpy as jnp
+    from switchjax.train import loop
+    stack, index = loop.moe_layer_names(cfg)[layer]
+    params = jax.tree.map(lambda x: x, params)  # new containers, same leaves
+    moe = params[stack][f"layer_{index}"]["moe"]
+    moe["router"] = jax.device_put(jnp.full_like(moe["router"], jnp.nan), moe["router"].sharding)
+    return params

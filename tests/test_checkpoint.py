@@ -36,9 +36,10 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     config = tiny_config(log_every=1)  # N = checkpoint_every = 10, 2N = 20 steps
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     victim = subprocess.Popen(
-        [sys.executable, "-m", "experiments.train", "--config", "configs/cpu_base.py:smoke",
-         *cli_args(config), "--workdir", resumed, "--config.train.debug_hang_at_step=13"],
-        cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [sys.executable, os.path.join("tests", "hang_worker.py"), "--config",
+         "configs/cpu_base.py:smoke", *cli_args(config), "--workdir", resumed],
+        cwd=REPO, env={**env(), "HANG_AT_STEP": "13"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         ckpt10 = os.path.join(resumed, "checkpoints", "10")

@@ -9,7 +9,6 @@ whenever nothing is dropped (capacity C = S).
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 
 from switchjax import dispatch as dispatch_lib
-from switchjax import dropless_cpu
 from switchjax import routing as routing_lib
 from switchjax.config import ModelConfig, model_config_dict
 from switchjax.moe import moe_forward
@@ -207,103 +205,3 @@ def test_all_three_paths_agree_without_drops(k):
             np.testing.assert_allclose(np.asarray(grads[name]), np.asarray(g_ref[name]),
                                        err_msg=f"{dispatch} {name}", **TOL)
     assert np.all(y_ref[~np.asarray(mask)] == 0.0)
-
-
-@pytest.mark.parametrize("capacity,tile", [(1, 4), (6, 4), (9, 8), (48, 8), (3, 128)])
-def test_bulk_dropless_apply_matches_ragged_apply(capacity, tile):
-    """The CPU dropless path (batched MLP over each expert's first `capacity` assignments,
-    tiled loop over the rest) equals ragged_apply with `jax.lax.ragged_dot`: outputs and
-    the gradients of x and every expert weight, top-2 with masked tokens, gated GELU, for
-    splits from nearly all-overflow to all-batched."""
-    from switchjax.moe import expert_hidden
-    G, S, D, F, E = 3, 16, 8, 12, 4
-    rng = np.random.default_rng(5)
-    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(G, S, E)) * 2, jnp.float32), -1)
-    mask = jnp.asarray(rng.random((G, S)) > 0.1)
-    r = jax.jit(routing_lib.route_top_k, static_argnums=(1, 2))(probs, 2, None, token_mask=mask)
-    x = jnp.asarray(rng.normal(size=(G, S, D)), jnp.float32)
-    dy = jnp.asarray(rng.normal(size=(G, S, D)), jnp.float32)
-    w = {k: jnp.asarray(rng.normal(size=shape) * 0.3, jnp.float32)
-         for k, shape in (("wi", (E, D, F)), ("wi_gate", (E, D, F)), ("wo", (E, F, D)))}
-
-    def mlp(p, a, matmul, rng):
-        return expert_hidden(p, a, "gated_gelu", 0.0, matmul, rng)
-
-    def ref(x, w):
-        return dispatch_lib.ragged_apply(
-            x, r, E, lambda a, gs: mlp(w, a, lambda u, v: jax.lax.ragged_dot(u, v, gs), None))
-
-    def bulk(x, w):
-        return dropless_cpu.bulk_dropless_apply(x, r, E, mlp, w, capacity, tile)
-
-    np.testing.assert_allclose(jax.jit(bulk)(x, w), ref(x, w), **TOL)
-    got = jax.jit(jax.grad(lambda x, w: jnp.vdot(bulk(x, w), dy), (0, 1)))(x, w)
-    want = jax.grad(lambda x, w: jnp.vdot(ref(x, w), dy), (0, 1))(x, w)
-    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("capacity", [1, 6])
-def test_bulk_dropless_apply_dropout(capacity):
-    """Expert dropout on the CPU path: it drops (output differs from no dropout and
-    between keys), the same key gives the same output, and the gradients (masks drawn
-    again in the backward loop) match finite differences."""
-    from jax.test_util import check_grads
-
-    from switchjax.moe import expert_hidden
-    G, S, D, F, E = 2, 8, 4, 6, 3
-    rng = np.random.default_rng(6)
-    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(G, S, E)), jnp.float32), -1)
-    r = jax.jit(routing_lib.route_top_k, static_argnums=(1, 2))(probs, 1, None)
-
-    def run(x, w, key, rate=0.5):
-        mlp = lambda p, a, mm, k: expert_hidden(p, a, "gelu", rate, mm, k)  # noqa: E731
-        return dropless_cpu.bulk_dropless_apply(x, r, E, mlp, w, capacity, 4, rng=key)
-
-    with jax.enable_x64(True):  # float64 for the finite differences
-        x = jnp.asarray(rng.normal(size=(G, S, D)), jnp.float64)
-        w = {"wi": jnp.asarray(rng.normal(size=(E, D, F)), jnp.float64),
-             "wo": jnp.asarray(rng.normal(size=(E, F, D)), jnp.float64)}
-        k0, k1 = jax.random.key(0), jax.random.key(1)
-        y0 = run(x, w, k0)
-        assert not np.allclose(y0, run(x, w, k0, rate=0.0))
-        assert not np.allclose(y0, run(x, w, k1))
-        np.testing.assert_array_equal(y0, run(x, w, k0))
-        check_grads(lambda x, w: run(x, w, k0), (x, w), order=1, modes=("rev",))
-
-
-@pytest.mark.parametrize("rows", [3, dispatch_lib.FEW_ROWS])
-def test_expert_matmul_gradients_equal_autodiff(rows):
-    """`expert_matmul` (with its CPU data gradient (w·dyᵀ)ᵀ below FEW_ROWS rows per
-    expert) has the value and both gradients of the plain einsum; also inside shard_map
-    with the rows split over 'data' and the hidden dim over 'model', where the weight
-    gradient is summed over 'data' and the input gradient over 'model'."""
-    from jax.sharding import PartitionSpec as P
-    E, D, F = 4, 8, 6
-    rng = np.random.default_rng(7)
-    x, dy = (jnp.asarray(rng.normal(size=(E, 2 * rows, n)), jnp.float32) for n in (D, F))
-    w = jnp.asarray(rng.normal(size=(E, D, F)), jnp.float32)
-
-    def plain(x, w):
-        return jnp.einsum("exd,edf->exf", x, w)
-
-    def vjp(fn, x, w):
-        y, back = jax.vjp(fn, x, w)
-        return (y, *back(dy))
-
-    for got, want in zip(jax.jit(functools.partial(vjp, dispatch_lib.expert_matmul))(x, w),
-                         vjp(plain, x, w)):
-        np.testing.assert_allclose(got, want, **TOL)
-
-    mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices()[:4],
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-    def sharded(x, w):  # x [E, rows, D] (this device's rows), w [E, D, F/2]
-        return jax.lax.psum(jnp.sum(dispatch_lib.expert_matmul(x, w) ** 2), ("data", "model"))
-
-    loss = jax.shard_map(sharded, mesh=mesh, in_specs=(P(None, "data"), P(None, None, "model")),
-                         out_specs=P())
-    got = jax.jit(jax.grad(loss, (0, 1)))(x, w)
-    want = jax.grad(lambda x, w: jnp.sum(plain(x, w) ** 2), (0, 1))(x, w)
-    for g, h in zip(got, want):
-        np.testing.assert_allclose(g, h, **TOL)

@@ -33,6 +33,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from switchjax import kernels
 from switchjax import sharding as sh
 from switchjax.config import ConfigError, ModelConfig, model_config_dict
 from switchjax.models import make_model
@@ -51,7 +52,8 @@ FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 def make_cfg(family="encoder_decoder", router="top1", **overrides) -> ModelConfig:
     """Encoder-decoder: 1 sparse encoder layer + 1 sparse decoder layer (2 MoE layers).
     Decoder-only: a dense and a sparse layer. 8 experts, capacity factor 1 (tokens drop)."""
-    router, _, dispatch = router.partition(":")  # e.g. "top1:gather"
+    router, _, kernel = router.partition("@")  # e.g. "top1:gather@xla"
+    router, _, dispatch = router.partition(":")
     fields = {"model.family": family, "model.vocab_size": 64, "model.d_model": 16,
               "model.d_ff": 32, "model.num_heads": 4, "model.head_dim": 4,
               "model.num_encoder_layers": 1, "model.num_decoder_layers": 2,
@@ -60,7 +62,7 @@ def make_cfg(family="encoder_decoder", router="top1", **overrides) -> ModelConfi
               "moe.num_selected_experts": 2 if router == "topk" else 1,
               "moe.dispatch": dispatch or ("ragged" if router == "dropless" else "einsum"),
               "moe.capacity_factor_train": 1.0, "moe.min_capacity": 1,
-              "moe.z_loss_coef": 1e-3}
+              "moe.z_loss_coef": 1e-3, "moe.expert_kernel": kernel or "auto"}
     if family == "encoder_decoder":
         fields["model.num_decoder_layers"] = 1
         fields["model.decoder_moe_layers"] = "all"
@@ -187,11 +189,17 @@ def test_same_loss_and_grads_on_every_mesh(family, router, shape):
     ("encoder_decoder", "dropless", (2, 2, 2)),  # all-gather + ragged + psum over 'model'
     ("decoder_only", "dropless", (2, 4, 1)),
     ("encoder_decoder", "top1:gather", (2, 4, 1)),  # against einsum on one device
-    ("decoder_only", "topk:ragged", (2, 4, 1))],  # capacity drops, kept assignments sorted
+    ("decoder_only", "topk:ragged", (2, 4, 1)),  # capacity drops, kept assignments sorted
+    # The accelerator kernels (kernels.py, 'xla': ragged_dot, plain batched einsum) forced
+    # on the CPU, against the CPU kernels on one device.
+    ("decoder_only", "dropless@xla", (2, 4, 1)),
+    ("encoder_decoder", "topk:ragged@xla", (2, 2, 2)),
+    ("encoder_decoder", "top1:gather@xla", (1, 8, 1))],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 def test_other_routers_same_loss_and_grads(family, router, shape):
     metrics = assert_same(family, router, shape, ref_router={
-        "top1:gather": "top1", "topk:ragged": "topk"}.get(router))
+        "top1:gather": "top1", "topk:ragged": "topk", "dropless@xla": "dropless",
+        "topk:ragged@xla": "topk", "top1:gather@xla": "top1"}.get(router))
     if router == "dropless":
         assert float(metrics["dropped_fraction"]) == 0
 
@@ -253,7 +261,7 @@ def test_expert_weights_split_and_all_to_all(family):
 
 
 def test_train_step_updates_parameters_in_place_on_cpu():
-    """`jit_train_step` compiles with `step.train_compiler_options()`: on CPU the donated
+    """`jit_train_step` compiles with `kernels.train_compiler_options('cpu')`: the donated
     parameters are updated in place, with no copy of them at the start of the step
     (XLA:CPU's default copy insertion makes one per parameter)."""
     cfg, model, batch, mesh, rules, tx, state, shardings = created_state(
@@ -262,7 +270,7 @@ def test_train_step_updates_parameters_in_place_on_cpu():
     with jax.set_mesh(mesh):
         lowered = step.lower(state, batch, jax.random.key(1))
     param_copy = r"= f32\[[\d,]*\]\S* copy\(%state_params"
-    assert step_lib.train_compiler_options()
+    assert kernels.train_compiler_options("cpu") and not kernels.train_compiler_options("tpu")
     assert not re.findall(param_copy, lowered.compile().as_text())
     default = lowered.compile({"xla_cpu_copy_insertion_use_region_analysis": False})
     assert re.findall(param_copy, default.as_text())
@@ -437,3 +445,48 @@ def test_sharded_state_with_optimizers(optimizer):
         assert v.sharding.spec == expected[v.shape], (name, v.sharding.spec)
         assert v.addressable_shards[0].data.nbytes * (2 if v.ndim == 2 and v.shape[1] == D
                                                       else 4) == v.nbytes
+
+
+# ----------------------------------------------------------------------------- bfloat16
+
+BF16_LOSS_RTOL = 2e-3  # measured <= 2e-4 (bfloat16 keeps 8 significant bits)
+BF16_GRAD_RTOL = 0.05  # per leaf: ||g_bf16 - g_f32|| / ||g_f32||; measured <= 1.3e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["encoder_decoder", "decoder_only"])
+def test_bfloat16_train_step_matches_float32(family):
+    """One train step with bfloat16 activations (what TPUs run; params and router stay
+    float32) against the same step in float32, on the expert-parallel (2, 4, 1) mesh
+    with router jitter and expert dropout (the same keys draw the same noise): the
+    losses agree to BF16_LOSS_RTOL, the routing statistics to 1e-2, and every gradient
+    (the update of SGD with learning rate 1) to BF16_GRAD_RTOL."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = make_cfg(family, "top1", **{"model.dtype": dtype, "moe.jitter_noise": 1e-2,
+                                          "moe.expert_dropout": 0.2,
+                                          "moe.capacity_factor_train": 1.25})
+        model, batch = make_model(cfg), make_batch(cfg)
+        mesh, rules = mesh_for((2, 4, 1))
+        tx = optax.sgd(1.0)
+        state, shardings = state_lib.create_train_state(model, tx, shapes_of(batch), mesh,
+                                                        rules, 0, compiler_options=FAST)
+        before = jax.tree.map(np.asarray, state.params)
+        step = step_lib.jit_train_step(model, cfg, tx, shardings, mesh, rules)
+        with jax.set_mesh(mesh):
+            new, metrics = step.lower(state, batch, jax.random.key(1)).compile(FAST)(
+                state, batch, jax.random.key(1))
+        update = jax.tree.map(lambda a, b: np.asarray(a) - b, new.params, before)
+        results[dtype] = (jax.tree.map(np.asarray, metrics), leaves_with_path(update))
+    (m32, u32), (m16, u16) = results["float32"], results["bfloat16"]
+    assert np.isfinite(m16["total_loss"])
+    loss_rel = abs(m16["task_loss"] - m32["task_loss"]) / m32["task_loss"]
+    errs = {k: float(np.linalg.norm(u16[k] - u32[k]) / max(np.linalg.norm(u32[k]), 1e-30))
+            for k in u32}
+    worst = max(errs, key=errs.get)
+    print(f"\n{family} bfloat16 vs float32: loss rel {loss_rel:.1e}; worst gradient leaf "
+          f"{worst} rel {errs[worst]:.1e}")
+    assert loss_rel <= BF16_LOSS_RTOL
+    for key in ("dropped_fraction", "aux_loss", "router_z_loss"):
+        np.testing.assert_allclose(m16[key], m32[key], rtol=1e-2, atol=1e-2, err_msg=key)
+    assert errs[worst] <= BF16_GRAD_RTOL, worst

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from _train_utils import cli_args, records, tiny_config, train_cli
+from _train_utils import cli_args, poison_router, records, tiny_config, train_cli, wrap_train_step
 from switchjax.config import ConfigError
 from switchjax.train import checkpoint, loop, metrics, optimizer
 from switchjax.train.train_config import get_train_config
@@ -96,9 +96,12 @@ def test_short_run_decreases_eval_loss(family, tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_names_step_and_layer_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_names_step_and_layer_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     # Poison MoE layer 1 (the decoder's) right before step 10, a checkpoint step.
-    config = tiny_config(checkpoint_every=5, debug_nan_step=10, debug_nan_layer=1)
+    config = tiny_config(checkpoint_every=5)
+    cfg = loop.validate_config(config)
+    wrap_train_step(monkeypatch, lambda step, state: state.replace(
+        params=poison_router(state.params, cfg, 1)) if step == 10 else state)
     workdir = str(tmp_path / "nan")
     with pytest.raises(loop.NonFiniteError) as e:
         loop.train_and_evaluate(config, workdir)
@@ -149,8 +152,6 @@ INVALID = [
     ("objective vs family", _set(data__objective="causal_lm"), "data.objective='causal_lm'"),
     ("accum does not divide", _set(train__accum_steps=3), "train.accum_steps=3"),
     ("negative seed", lambda c: setattr(c, "seed", -1), "seed=-1"),
-    ("nan layer out of range", _set(train__debug_nan_step=3, train__debug_nan_layer=5),
-     "train.debug_nan_layer=5"),
     ("unknown train field", _unknown_train_field, "train.num_train_step"),
     ("bad layer spec", _set(model__encoder_moe_layers="1,7"), "model.encoder_moe_layers"),
 ]

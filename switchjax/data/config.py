@@ -1,7 +1,7 @@
 """The `data` part of an experiment config, and its validation.
 
 `validate_data_config(cfg)` runs before anything is built or read and raises
-`ValueError("data.<field>=<value>: <problem>. Fix: <fix>.")` for every config
+`ConfigError("data.<field>=<value>: <problem>. Fix: <fix>.")` for every config
 that cannot work: unknown objective, missing data_dir, a TFDS name that is not
 prepared in data_dir, an empty file glob, a tokenizer path that does not
 exist, lengths that T5's span corruption cannot fill.
@@ -13,6 +13,7 @@ import os
 import ml_collections
 import tensorflow_datasets as tfds
 
+from switchjax.config import fail
 from switchjax.data import corpus
 from switchjax.data.objectives import random_spans_helper
 
@@ -46,7 +47,7 @@ def get_data_config() -> ml_collections.ConfigDict:
 
 
 def _fail(field: str, value, problem: str, fix: str):
-    raise ValueError(f"data.{field}={value!r}: {problem}. Fix: {fix}.")
+    fail(f"data.{field}", value, problem, fix)
 
 
 def tfds_builder(cfg: ml_collections.ConfigDict):

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from switchjax.config import fail
+
 VALIDATION_FRACTION = 0.05
 MAX_CHUNK_CHARS = 32768
 STDLIB_SUFFIXES = (".py", ".txt", ".rst")
@@ -88,14 +90,12 @@ def glob_files(globs: Sequence[str]) -> SourceFiles:
                                                           recursive=True)
                  if os.path.isfile(p) and os.path.getsize(p) > 0}
         if not found:
-            raise ValueError(
-                f"data.files: the glob {pattern!r} matches no non-empty file. Fix: correct "
-                f"or remove it (data.files=() uses the Python standard library).")
+            fail("data.files", tuple(globs), f"the glob {pattern!r} matches no non-empty file",
+                 "correct or remove it (data.files=() uses the Python standard library)")
         paths |= found
     if len(paths) < 2:
-        raise ValueError(
-            f"data.files={tuple(globs)!r} matches only {len(paths)} file; the embedded corpus "
-            f"needs at least 2 (train and validation). Fix: add files to data.files.")
+        fail("data.files", tuple(globs), f"matches only {len(paths)} file; the embedded "
+             "corpus needs at least 2 (train and validation)", "add files to data.files")
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
     return SourceFiles(root, tuple(sorted(os.path.relpath(p, root) for p in paths)), "files")
 

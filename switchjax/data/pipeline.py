@@ -30,6 +30,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from switchjax.config import fail
 from switchjax.data import corpus, objectives, packing
 from switchjax.data.config import EMBEDDED, tfds_builder, validate_data_config
 from switchjax.data.tokenizer import Tokenizer, cached_sentencepiece
@@ -90,10 +91,9 @@ def make_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
                                      lambda: _sample_texts(source, cfg.text_key),
                                      cfg.vocab_size)
     except RuntimeError as e:
-        raise ValueError(
-            f"data.vocab_size={cfg.vocab_size}: SentencePiece cannot train it on "
-            f"{cfg.name}:{cfg.train_split} ({str(e).strip().splitlines()[-1]}). Fix: lower "
-            f"data.vocab_size or add text (data.files).") from e
+        fail("data.vocab_size", cfg.vocab_size, f"SentencePiece cannot train it on "
+             f"{cfg.name}:{cfg.train_split} ({str(e).strip().splitlines()[-1]})",
+             "lower data.vocab_size or add text (data.files)")
     return Tokenizer(proto, cfg.num_extra_ids)
 
 

@@ -12,12 +12,6 @@ device computes) and checked for non-finite values before they are logged or
 the state is saved: a non-finite loss or gradient raises `NonFiniteError`
 naming the step and the first bad quantity, after pending checkpoint writes
 have finished, so the last good checkpoint stays intact.
-
-Debug hooks (tests): `train.debug_nan_step = s` sets the router weight of
-MoE layer `train.debug_nan_layer` to NaN on the host right before step s
-(its router logits, probabilities and aux/z losses become NaN);
-`train.debug_hang_at_step = s` writes `workdir/HANG` after dispatching step s
-and sleeps, so a test can SIGKILL the process in the middle of that step.
 """
 from __future__ import annotations
 
@@ -25,16 +19,16 @@ import json
 import logging
 import os
 import time
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
 from switchjax import flops
 from switchjax import sharding as sharding_lib
-from switchjax.config import ConfigError, ModelConfig
+from switchjax.config import ConfigError, ModelConfig, check_groups
 from switchjax.models import make_model
 from switchjax.train import checkpoint as checkpoint_lib
 from switchjax.train import metrics as metrics_lib
@@ -68,7 +62,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
         raise ConfigError(f"config sections {sorted(config.keys())}: missing {missing}, unknown "
                           f"{unknown}. Fix: a config has exactly {SECTIONS}.")
     cfg = ModelConfig.from_config(config)
-    validate_train_config(config.train, cfg.num_moe_layers)
+    validate_train_config(config.train)
     data = config.data
     for name, seed in (("seed", config.seed), ("data.shuffle_seed", data.shuffle_seed)):
         if not (isinstance(seed, int) and seed >= 0):
@@ -78,21 +72,21 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if data.objective != wanted:
         raise ConfigError(f"data.objective={data.objective!r} does not fit model.family="
                           f"{cfg.family!r}. Fix: use data.objective={wanted!r}.")
-    micro = config.train.batch_size // config.train.accum_steps
-    lengths = [data.targets_length] + ([data.inputs_length]
-                                       if cfg.family == "encoder_decoder" else [])
-    S = cfg.moe.group_size
-    if cfg.num_moe_layers and S and any((micro * L) % S for L in lengths):
-        raise ConfigError(f"moe.group_size={S} does not divide the tokens of a (micro)batch "
-                          f"({micro} rows x lengths {lengths}). Fix: use a divisor, or 0 "
-                          "(one group per sequence).")
+    if cfg.num_moe_layers:
+        check_groups(cfg.moe.group_size, config.train.batch_size // config.train.accum_steps,
+                     batch_lengths(cfg, data))
     return cfg
 
 
+def batch_lengths(cfg: ModelConfig, data) -> list[int]:
+    """Sequence lengths of a batch: targets, and inputs for the encoder-decoder."""
+    return [data.targets_length] + ([data.inputs_length]
+                                    if cfg.family == "encoder_decoder" else [])
+
+
 def _validate_devices(cfg: ModelConfig, config, mesh, rules) -> None:
-    train, data = config.train, config.data
-    lengths = [data.targets_length] + ([data.inputs_length]
-                                       if cfg.family == "encoder_decoder" else [])
+    train = config.train
+    lengths = batch_lengths(cfg, config.data)
     micro = train.batch_size // train.accum_steps
     sharding_lib.validate_mesh(cfg, mesh, train.batch_size, rules)
     if train.batch_size % jax.process_count():
@@ -111,15 +105,6 @@ def moe_layer_names(cfg: ModelConfig) -> list[tuple[str, int]]:
     """(stack, layer index) of each MoE layer, in the order of the stats arrays."""
     stacks = (["encoder"] if cfg.family == "encoder_decoder" else []) + ["decoder"]
     return [(s, i) for s in stacks for i in cfg.moe_layer_indices(s)]
-
-
-def poison_router(params, cfg: ModelConfig, layer: int):
-    """Params with the router weight of MoE layer `layer` set to NaN (debug hook)."""
-    stack, index = moe_layer_names(cfg)[layer]
-    params = jax.tree.map(lambda x: x, params)  # new containers, same leaves
-    moe = params[stack][f"layer_{index}"]["moe"]
-    moe["router"] = jax.device_put(jnp.full_like(moe["router"], jnp.nan), moe["router"].sharding)
-    return params
 
 
 def first_non_finite(m: dict, cfg: ModelConfig) -> list[str]:
@@ -162,7 +147,8 @@ def _scalars(prefix: str, metrics: dict) -> dict:
 
 
 class _Run:
-    """The mutable pieces of one `train_and_evaluate` call."""
+    """What one `train_and_evaluate` call fixes before training: the validated config, the
+    mesh, tokenizer, model, optimizer, state shardings and the data iterators."""
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
@@ -171,8 +157,8 @@ class _Run:
         self.mesh = sharding_lib.make_mesh(config.mesh)
         self.rules = sharding_lib.logical_rules(config.mesh)
         _validate_devices(self.cfg, config, self.mesh, self.rules)
-        data_lib, data = _data(), config.data
-        self.tokenizer = data_lib.make_tokenizer(data)
+        data = config.data
+        self.tokenizer = _data().make_tokenizer(data)
         if self.cfg.vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(
                 f"model.vocab_size={self.cfg.vocab_size} is smaller than the tokenizer's "
@@ -180,6 +166,22 @@ class _Run:
                 f"data.num_extra_ids={data.num_extra_ids}). Fix: set model.vocab_size >= "
                 f"{self.tokenizer.vocab_size}.")
         self.is_chief = jax.process_index() == 0
+        self.inputs_length = data.inputs_length if self.cfg.family == "encoder_decoder" else 0
+
+    def build(self) -> None:
+        """Model, optimizer, abstract state and shardings, and the two data iterators (the
+        eval batches depend on data.shuffle_seed only, so runs that differ in `seed` are
+        scored on the same text)."""
+        t, data = self.config.train, self.config.data
+        self.model = make_model(self.cfg)
+        self.tx = make_optimizer(t)
+        self.batch_shapes = dummy_batch(self.cfg, t.batch_size, max(self.inputs_length, 1),
+                                        data.targets_length)
+        self.abstract, self.shardings = state_shardings(self.model, self.tx, self.batch_shapes,
+                                                        self.mesh, self.rules)
+        self.train_iter = self.iterator(data.train_split, self.config.seed)
+        self.eval_iter = self.iterator(data.eval_split, 0)
+        self.eval_start = self.eval_iter.get_state()
 
     def iterator(self, split: str, seed: int):
         t = self.config.train
@@ -187,6 +189,16 @@ class _Run:
             self.config.data, split, t.batch_size, process_index=jax.process_index(),
             process_count=jax.process_count(), seed=seed, repeat=True,
             tokenizer=self.tokenizer)
+
+    def init_state(self):
+        state, _ = create_train_state(self.model, self.tx, self.batch_shapes, self.mesh,
+                                      self.rules, self.config.seed)
+        return state
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.train.batch_size * (self.inputs_length
+                                               + self.config.data.targets_length)
 
 
 def validate_run(config: ml_collections.ConfigDict) -> None:
@@ -204,161 +216,180 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     start_time = time.time()
     run = _Run(config, workdir)
-    cfg, mesh, rules, t, data = run.cfg, run.mesh, run.rules, config.train, config.data
-    family_ed = cfg.family == "encoder_decoder"
-    inputs_length = data.inputs_length if family_ed else 0
-    tokens_per_step = t.batch_size * (inputs_length + data.targets_length)
-
-    model = make_model(cfg)
-    tx = make_optimizer(t)
-    schedule = make_schedule(t)
-    batch_shapes = dummy_batch(cfg, t.batch_size, max(inputs_length, 1), data.targets_length)
-    abstract, shardings = state_shardings(model, tx, batch_shapes, mesh, rules)
-    # The eval batches depend on data.shuffle_seed only, so runs that differ in `seed`
-    # are scored on the same text.
-    train_iter, eval_iter = run.iterator(data.train_split, config.seed), \
-        run.iterator(data.eval_split, 0)
-    eval_start = eval_iter.get_state()
-
+    run.build()
     os.makedirs(workdir, exist_ok=True)
-    ckpt = checkpoint_lib.Checkpointer(workdir, t.max_to_keep)
-    changes = checkpoint_lib.config_changes(ckpt.saved_config(), config)
-    if changes:
-        ckpt.close()
-        raise ConfigError(
-            f"{workdir} holds checkpoints of another config: {'; '.join(changes)}. Fix: rerun "
-            "with the values they were written with, or use a new --workdir (a resumed run "
-            f"may change only {', '.join(checkpoint_lib.RESUMABLE)}).")
-    state, start_step = ckpt.restore_latest(abstract, train_iter)
-    final_path = os.path.join(workdir, FINAL)
-    finished = state is not None and start_step >= t.num_train_steps
-    if finished and jax.process_count() > 1:  # process 0's filesystem decides for all
-        finished = bool(multihost_utils.broadcast_one_to_all(
-            np.int32(finished and os.path.exists(final_path))))
-    elif finished:
-        finished = os.path.exists(final_path)
-    if finished:
-        ckpt.close()
-        logging.info("%s is finished (step %d); returning its final metrics.", workdir,
-                     start_step)
-        if not os.path.exists(final_path):  # another host's disk
-            return {"step": start_step}
-        with open(final_path) as f:
-            return json.load(f)
+    ckpt = _open_checkpoints(run)
+    state, start_step = ckpt.restore_latest(run.abstract, run.train_iter)
+    if state is not None and start_step >= config.train.num_train_steps:
+        finished = _finished_metrics(run, start_step)
+        if finished is not None:
+            ckpt.close()
+            return finished
     if state is None:
-        state, _ = create_train_state(model, tx, batch_shapes, mesh, rules, config.seed)
+        state = run.init_state()
     else:
         logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
     if run.is_chief:
         with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+    training = _Training(run, ckpt, start_step)
+    try:
+        with jax.set_mesh(run.mesh):
+            state = training.train(state, start_step)
+        ckpt.wait()
+    finally:
+        training.writer.close()
+        ckpt.close()
+    return _write_final(run, state, training, start_time)
 
-    train_step = jit_train_step(model, cfg, tx, shardings, mesh, rules, t.accum_steps)
-    eval_step = jit_eval_step(model, cfg, shardings.params, mesh, rules)
-    writer = metrics_lib.MetricWriter(workdir, enabled=run.is_chief,
-                                      purge_step=start_step + 1 if start_step else None)
-    progress = metrics_lib.Progress(start_step, t.num_train_steps, tokens_per_step)
-    rng = jax.random.fold_in(jax.random.key(config.seed), 1)  # init uses key(seed)
-    history, pending = [], []
-    last_train, last_eval = {}, {}
 
-    def evaluate(step: int) -> dict:
-        eval_iter.set_state(eval_start)  # the same batches every time
+def _open_checkpoints(run: _Run) -> checkpoint_lib.Checkpointer:
+    """The workdir's checkpointer; an error listing the changed fields if its checkpoints
+    were written with another config."""
+    ckpt = checkpoint_lib.Checkpointer(run.workdir, run.config.train.max_to_keep)
+    changes = checkpoint_lib.config_changes(ckpt.saved_config(), run.config)
+    if changes:
+        ckpt.close()
+        raise ConfigError(
+            f"{run.workdir} holds checkpoints of another config: {'; '.join(changes)}. Fix: "
+            "rerun with the values they were written with, or use a new --workdir (a resumed "
+            f"run may change only {', '.join(checkpoint_lib.RESUMABLE)}).")
+    return ckpt
+
+
+def _finished_metrics(run: _Run, step: int) -> Optional[dict]:
+    """The stored final metrics of a run that already reached its last step (None if it
+    never wrote them: it is evaluated again). Process 0's filesystem decides for all."""
+    path = os.path.join(run.workdir, FINAL)
+    finished = os.path.exists(path)
+    if jax.process_count() > 1:
+        finished = bool(multihost_utils.broadcast_one_to_all(np.int32(finished)))
+    if not finished:
+        return None
+    logging.info("%s is finished (step %d); returning its final metrics.", run.workdir, step)
+    if not os.path.exists(path):  # another host's disk
+        return {"step": step}
+    with open(path) as f:
+        return json.load(f)
+
+
+class _Training:
+    """The step loop: train steps, metrics fetched one step late and checked, logging,
+    evaluation and checkpoints at their intervals."""
+
+    def __init__(self, run: _Run, ckpt: checkpoint_lib.Checkpointer, start_step: int):
+        self.run, self.ckpt = run, ckpt
+        t = run.config.train
+        self.train_step = jit_train_step(run.model, run.cfg, run.tx, run.shardings, run.mesh,
+                                         run.rules, t.accum_steps)
+        self.eval_step = jit_eval_step(run.model, run.cfg, run.shardings.params, run.mesh,
+                                       run.rules)
+        self.writer = metrics_lib.MetricWriter(run.workdir, enabled=run.is_chief,
+                                               purge_step=start_step + 1 if start_step else None)
+        self.progress = metrics_lib.Progress(start_step, t.num_train_steps, run.tokens_per_step)
+        self.schedule = make_schedule(t)
+        self.rng = jax.random.fold_in(jax.random.key(run.config.seed), 1)  # init: key(seed)
+        self.history, self.pending = [], []
+        self.last_train, self.last_eval = {}, {}
+
+    def train(self, state, start_step: int):
+        """Steps start_step + 1 .. num_train_steps; returns the final state."""
+        t = self.run.config.train
+        if start_step == 0:  # the loss at initialisation, as the first point of the curve
+            self.evaluate(state, 0)
+        for step in range(start_step + 1, t.num_train_steps + 1):
+            batch = sharding_lib.host_local_to_global(next(self.run.train_iter), self.run.mesh)
+            state, metrics = self.train_step(state, batch, self.rng)
+            self.pending.append((step, metrics))
+            last = step == t.num_train_steps
+            log_now = step % t.log_every == 0 or last
+            eval_now = step % t.eval_every == 0 or last
+            save_now = step % t.checkpoint_every == 0 or last
+            self.check(upto_all=log_now or eval_now or save_now)
+            if log_now:
+                self.log(step)
+            if save_now:
+                self.ckpt.save(step, state, self.run.train_iter, self.run.config)
+            if eval_now:
+                self.last_eval = self.evaluate(state, step)
+        if not self.last_eval:  # restored at the last step but never finished
+            self.last_eval = self.evaluate(state, int(state.step))
+            self.last_train = self.last_train or _logged(self.run.workdir, "train",
+                                                         int(state.step))
+        return state
+
+    def check(self, upto_all: bool) -> None:
+        """Fetches pending metrics (all, or all but the newest) and checks them."""
+        while len(self.pending) > (0 if upto_all else 1):
+            step, m = self.pending.pop(0)
+            m = jax.device_get(m)
+            bad = first_non_finite(m, self.run.cfg)
+            if bad:
+                self.ckpt.wait()
+                good = [s for s in self.ckpt.all_steps() if s < step]
+                raise NonFiniteError(
+                    f"Non-finite {bad[0]} at step {step} (all non-finite: {', '.join(bad)}). "
+                    f"Training stopped; the last good checkpoint is "
+                    f"{f'step {good[-1]}' if good else 'none'} in {self.ckpt.directory}.")
+            self.history.append(m)
+
+    def log(self, step: int) -> None:
+        m = _mean(self.history)
+        self.history.clear()
+        m["learning_rate"] = float(self.schedule(step - 1))
+        m.update(self.progress.update(step))
+        self.writer.write(step, "train", m)
+        self.last_train = m
+        if self.run.is_chief:
+            print(self.progress.line(step, m), flush=True)
+
+    def evaluate(self, state, step: int) -> dict:
+        """Metrics over `train.eval_steps` batches of the eval split (always the same ones),
+        averaged by tokens; its time is left out of the throughput."""
+        paused = time.perf_counter()
+        run, cfg = self.run, self.run.cfg
+        run.eval_iter.set_state(run.eval_start)
         records, weights = [], []
-        for _ in range(t.eval_steps):
-            batch = sharding_lib.host_local_to_global(next(eval_iter), mesh)
-            m = jax.device_get(eval_step(state.params, batch))
+        for _ in range(run.config.train.eval_steps):
+            batch = sharding_lib.host_local_to_global(next(run.eval_iter), run.mesh)
+            m = jax.device_get(self.eval_step(state.params, batch))
             records.append(m)
             weights.append(m["num_tokens"])
         result = _mean(records, weights)
         if cfg.num_moe_layers:
             result["capacity_factor"] = cfg.moe.capacity_factor(train=False)
-        writer.write(step, "eval", result)
+        self.writer.write(step, "eval", result)
         if run.is_chief:
             extra = (f" | dropped {100 * result['dropped_fraction']:.2f}%"
                      if "dropped_fraction" in result else "")
             print(f"eval step {step}: loss {result['task_loss']:.4f} | accuracy "
                   f"{result['accuracy']:.4f}{extra}", flush=True)
+        self.progress.exclude(time.perf_counter() - paused)
         return result
 
-    def check(upto_all: bool) -> None:
-        """Fetches pending metrics (all, or all but the newest) and checks them."""
-        while len(pending) > (0 if upto_all else 1):
-            step, m = pending.pop(0)
-            m = jax.device_get(m)
-            bad = first_non_finite(m, cfg)
-            if bad:
-                ckpt.wait()
-                good = [s for s in ckpt.all_steps() if s < step]
-                raise NonFiniteError(
-                    f"Non-finite {bad[0]} at step {step} (all non-finite: {', '.join(bad)}). "
-                    f"Training stopped; the last good checkpoint is "
-                    f"{f'step {good[-1]}' if good else 'none'} in {ckpt.directory}.")
-            history.append(m)
 
-    try:
-        with jax.set_mesh(mesh):
-            if start_step == 0:  # the loss at initialisation, as the first point of the curve
-                paused = time.perf_counter()
-                evaluate(0)
-                progress.exclude(time.perf_counter() - paused)
-            for step in range(start_step + 1, t.num_train_steps + 1):
-                if step == t.debug_nan_step:
-                    state = state.replace(params=poison_router(state.params, cfg,
-                                                               t.debug_nan_layer))
-                batch = sharding_lib.host_local_to_global(next(train_iter), mesh)
-                state, m = train_step(state, batch, rng)
-                pending.append((step, m))
-                if step == t.debug_hang_at_step:
-                    with open(os.path.join(workdir, "HANG"), "w") as f:
-                        f.write(str(step))
-                    while True:
-                        time.sleep(1)
-                last = step == t.num_train_steps
-                log_now = step % t.log_every == 0 or last
-                eval_now = step % t.eval_every == 0 or last
-                save_now = step % t.checkpoint_every == 0 or last
-                check(upto_all=log_now or eval_now or save_now)
-                if log_now:
-                    m = _mean(history)
-                    history.clear()
-                    m["learning_rate"] = float(schedule(step - 1))
-                    m.update(progress.update(step))
-                    writer.write(step, "train", m)
-                    last_train = m
-                    if run.is_chief:
-                        print(progress.line(step, m), flush=True)
-                if save_now:
-                    ckpt.save(step, state, train_iter, config)
-                if eval_now:
-                    paused = time.perf_counter()
-                    last_eval = evaluate(step)
-                    progress.exclude(time.perf_counter() - paused)
-            if not last_eval:  # restored at the last step but never finished
-                last_eval = evaluate(int(state.step))
-                last_train = last_train or _logged(workdir, "train", int(state.step))
-        ckpt.wait()
-    finally:
-        writer.close()
-        ckpt.close()
-
+def _write_final(run: _Run, state, training: _Training, start_time: float) -> dict:
+    """final_metrics.json and DONE (process 0), and the closing console lines."""
+    cfg, data = run.cfg, run.config.data
     counts = flops.param_counts(cfg)
-    per_example = flops.forward_flops_per_example(cfg, inputs_length, data.targets_length)
-    final = {"step": int(state.step), **_scalars("train", last_train),
-             **_scalars("eval", last_eval), "wall_time_sec": time.time() - start_time,
+    per_example = flops.forward_flops_per_example(cfg, run.inputs_length, data.targets_length)
+    final = {"step": int(state.step), **_scalars("train", training.last_train),
+             **_scalars("eval", training.last_eval), "wall_time_sec": time.time() - start_time,
              "params_total": counts["total"], "params_active": counts["active"],
-             "flops_per_token": per_example / (inputs_length + data.targets_length)}
-    if run.is_chief:
-        with open(final_path, "w") as f:
-            json.dump(final, f, indent=2)
-        with open(os.path.join(workdir, DONE), "w") as f:
-            f.write("done\n")
-        dropped = final.get("eval/dropped_fraction")
-        print(f"Done: {final['step']} steps in {final['wall_time_sec']:.0f} s | eval loss "
-              f"{final['eval/task_loss']:.4f} | eval accuracy {final['eval/accuracy']:.4f}"
-              + (f" | eval dropped {100 * dropped:.2f}% | train dropped "
-                 f"{100 * final.get('train/dropped_fraction', float('nan')):.2f}%"
-                 if dropped is not None else "")
-              + f"\nTensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}"
-              f"\nCheckpoints: {ckpt.directory}\nMetrics: {writer.path}", flush=True)
+             "flops_per_token": per_example / (run.inputs_length + data.targets_length)}
+    if not run.is_chief:
+        return final
+    with open(os.path.join(run.workdir, FINAL), "w") as f:
+        json.dump(final, f, indent=2)
+    with open(os.path.join(run.workdir, DONE), "w") as f:
+        f.write("done\n")
+    dropped = final.get("eval/dropped_fraction")
+    print(f"Done: {final['step']} steps in {final['wall_time_sec']:.0f} s | eval loss "
+          f"{final['eval/task_loss']:.4f} | eval accuracy {final['eval/accuracy']:.4f}"
+          + (f" | eval dropped {100 * dropped:.2f}% | train dropped "
+             f"{100 * final.get('train/dropped_fraction', float('nan')):.2f}%"
+             if dropped is not None else "")
+          + f"\nTensorBoard: tensorboard --logdir {os.path.join(run.workdir, 'tensorboard')}"
+          f"\nCheckpoints: {os.path.join(run.workdir, 'checkpoints')}"
+          f"\nMetrics: {training.writer.path}", flush=True)
     return final

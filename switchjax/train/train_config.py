@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from switchjax.config import ConfigError
+from switchjax.config import fail
 from switchjax.train.optimizer import OPTIMIZERS, SCHEDULES
 
 
@@ -31,18 +31,14 @@ def get_train_config() -> ml_collections.ConfigDict:
         eval_steps=10,  # batches of data.eval_split per evaluation (always the same ones)
         checkpoint_every=100,  # checkpoint every N steps and at the end
         max_to_keep=3,  # checkpoints kept (the newest)
-        # Debug hooks for tests (off when < 1):
-        debug_nan_step=-1,  # set the router of MoE layer `debug_nan_layer` to NaN before step s
-        debug_nan_layer=0,  # index among the MoE layers (encoder first, then decoder)
-        debug_hang_at_step=-1,  # write workdir/HANG and sleep forever in step s (kill tests)
     ))
 
 
 def _fail(field: str, value, problem: str, fix: str):
-    raise ConfigError(f"train.{field}={value!r}: {problem}. Fix: {fix}.")
+    fail(f"train.{field}", value, problem, fix)
 
 
-def validate_train_config(train: ml_collections.ConfigDict, num_moe_layers: int) -> None:
+def validate_train_config(train: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the `train.<field>` that cannot work."""
     known = set(get_train_config().keys())
     unknown = sorted(set(train.keys()) - known)
@@ -73,6 +69,3 @@ def validate_train_config(train: ml_collections.ConfigDict, num_moe_layers: int)
     if train.weight_decay < 0 or not 0 <= train.b1 < 1 or not 0 <= train.b2 < 1:
         _fail("b1/b2/weight_decay", (train.b1, train.b2, train.weight_decay), "out of range",
               "use 0 <= b1, b2 < 1 and weight_decay >= 0")
-    if train.debug_nan_step > 0 and not 0 <= train.debug_nan_layer < num_moe_layers:
-        _fail("debug_nan_layer", train.debug_nan_layer,
-              f"the model has {num_moe_layers} MoE layers", "pick an index of an MoE layer")

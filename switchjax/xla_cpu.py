@@ -1,4 +1,15 @@
-"""Dropless experts on CPU, where `jax.lax.ragged_dot` has no grouped kernel.
+"""Fast paths for XLA:CPU: the one module with CPU-specific code (chosen in kernels.py).
+
+Every function here computes exactly what its portable twin in kernels.py computes
+(tests/test_kernels.py checks values and gradients); only the speed on XLA:CPU differs.
+docs/performance.md has the measurements.
+
+* `expert_matmul`: the stacked experts' batched matmul; with few rows per expert its
+  data gradient is computed as (w·dyᵀ)ᵀ.
+* `tiled_ragged_apply`: the ragged dispatch's experts without `jax.lax.ragged_dot`.
+* `COMPILER_OPTIONS`, `global_norm`: the train step's copy-free parameter update.
+
+## Ragged experts
 
 XLA:CPU expands `ragged_dot` to a dense [E, M, K] product (E times the FLOPs), and a
 loop over row tiles runs below dense-matmul speed. Here the assignments are sorted by
@@ -20,10 +31,68 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from switchjax.dispatch import _sum_to_axes_of, _take_rows, expert_matmul, sort_by_expert
+from switchjax.dispatch import gather_rows, sort_by_expert
 from switchjax.routing import Routing
 
+# ----------------------------------------------------------------------------- train step
+
+# Copy insertion with region analysis: with the state donated, XLA:CPU's default copy
+# insertion copies every parameter at the start of the step before updating it in
+# place; region analysis proves the copies unnecessary. A step jitted with compiler
+# options cannot be nested in another jit or `make_jaxpr` (`.trace()`/`.lower()` work).
+COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+def global_norm(tree) -> jax.Array:
+    """`optax.global_norm` of `tree` read through an optimization barrier: without it XLA
+    shares the norm's g·g with the optimizer's second moment and XLA:CPU writes that g·g
+    out as a buffer the size of the parameters."""
+    return optax.global_norm(jax.lax.optimization_barrier(tree))
+
+
+# ----------------------------------------------------------------------------- expert matmul
+
+FEW_ROWS = 64  # rows per expert below which the data gradient takes the transposed form
+
+
+def expert_matmul(x_EXD: jax.Array, w_EDF: jax.Array) -> jax.Array:
+    """<[E, X, D]> · <[E, D, F]> -> <[E, X, F]>, the batched einsum; with fewer than
+    `FEW_ROWS` rows per expert the data gradient dy·wᵀ is computed as (w·dyᵀ)ᵀ: with
+    the weight as the transposed operand XLA:CPU packs a transposed copy of every
+    expert's weight per call, which dominates when each expert has few rows."""
+    if x_EXD.shape[1] >= FEW_ROWS:
+        return jnp.einsum("exd,edf->exf", x_EXD, w_EDF)
+    return _few_rows_matmul(x_EXD, w_EDF)
+
+
+@jax.custom_vjp
+def _few_rows_matmul(x_EXD, w_EDF):
+    return jnp.einsum("exd,edf->exf", x_EXD, w_EDF)
+
+
+def _few_rows_fwd(x_EXD, w_EDF):
+    return _few_rows_matmul(x_EXD, w_EDF), (x_EXD, w_EDF)
+
+
+def _few_rows_bwd(res, dy_EXF):
+    x_EXD, w_EDF = res
+    # The barrier keeps XLA from folding the transpose back into the dot.
+    dx = jax.lax.optimization_barrier(jnp.einsum("edf,exf->edx", w_EDF, dy_EXF))
+    dw = jnp.einsum("exd,exf->edf", x_EXD, dy_EXF)
+    return dx.transpose(0, 2, 1).astype(x_EXD.dtype), dw.astype(w_EDF.dtype)
+
+
+_few_rows_matmul.defvjp(_few_rows_fwd, _few_rows_bwd)
+
+
+def _one_expert_matmul(a_TD, w_DF):
+    """A tile times one expert's weight, with `expert_matmul`'s gradient."""
+    return expert_matmul(a_TD[None], w_DF[None])[0]
+
+
+# ----------------------------------------------------------------------------- ragged experts
 
 def overflow_tile(capacity: int) -> int:
     """Rows per overflow tile: about capacity / 8, a power of two in [8, 128] (at
@@ -31,11 +100,11 @@ def overflow_tile(capacity: int) -> int:
     return max(8, min(128, 1 << max(capacity // 8 - 1, 1).bit_length()))
 
 
-def bulk_dropless_apply(x_GSD: jax.Array, routing: Routing, num_experts: int, mlp: Callable,
-                        params: dict, capacity: int, tile: Optional[int] = None,
-                        rng: Optional[jax.Array] = None) -> jax.Array:
-    """`dispatch.ragged_apply` with the expert MLP run batched over each expert's first
-    `capacity` assignments and in tiles over the rest.
+def tiled_ragged_apply(x_GSD: jax.Array, routing: Routing, num_experts: int, mlp: Callable,
+                       params: dict, capacity: int, rng: Optional[jax.Array] = None,
+                       tile: Optional[int] = None) -> jax.Array:
+    """`kernels.ragged_apply`'s result with the expert MLP run batched over each expert's
+    first `capacity` assignments and in tiles over the rest.
 
     Args:
       x_GSD: <[G, S, D]> tokens.
@@ -43,15 +112,15 @@ def bulk_dropless_apply(x_GSD: jax.Array, routing: Routing, num_experts: int, ml
       num_experts: E, the leading axis of every leaf of `params`.
       mlp: (params, x, matmul, rng) -> y, the expert MLP: for stacked weights with
         x <[E, C, D]> and a batched matmul, or for one expert's weights with x <[T, D]>
-        and `@`; rng (None: no dropout) differs per call.
+        and a 2-D matmul; rng (None: no dropout) differs per call.
       params: expert weights, each <[E, ...]>.
-      capacity: C >= 1 assignments per expert in the batched part.
-      tile: rows per overflow tile (default `overflow_tile(capacity)`).
+      capacity: C >= 1 assignments per expert in the batched part (the mean load).
       rng: dropout key or None.
+      tile: rows per overflow tile (default `overflow_tile(capacity)`).
     Returns <[G, S, D]>: Σ_k gate_k · expert_k(x).
     """
     if capacity < 1:
-        raise ValueError(f"bulk_dropless_apply: capacity must be >= 1, got {capacity}")
+        raise ValueError(f"tiled_ragged_apply: capacity must be >= 1, got {capacity}")
     G, S, D = x_GSD.shape
     K = routing.expert_index.shape[-1]
     M = G * S * K
@@ -124,24 +193,6 @@ def _expert(params, e):
     return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False), params)
 
 
-def _matmul(a_TD, w_DF):
-    """A tile times one expert's weight: `expert_matmul` with one expert, for its CPU
-    data gradient when the tile has fewer than `dispatch.FEW_ROWS` rows."""
-    return expert_matmul(a_TD[None], w_DF[None])[0]
-
-
-def _vary_like(tree, *refs: jax.Array):
-    """Each array of `tree` plus scalar zeros of each ref, so that inside shard_map it
-    varies over every manual mesh axis of the refs. Applied to the inputs of the inner
-    VJPs, their cotangents stay per-device partial sums (reduced once, at the end, by
-    `_sum_to_axes_of`); loop carries need it to match what their bodies add."""
-    def vary(a):
-        for r in refs:
-            a = a + jnp.zeros_like(r, shape=()).astype(a.dtype)
-        return a
-    return jax.tree.map(vary, tree)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _fused(mlp, capacity, tile, x_ND, params, maps):
     return _fused_fwd(mlp, capacity, tile, x_ND, params, maps)[0]
@@ -152,18 +203,17 @@ def _fused_fwd(mlp, capacity, tile, x_ND, params, maps):
     N, D = x_ND.shape
     M = maps["order"].shape[0]
     K, E = M // N, maps["slot_assign"].shape[0] // capacity
-    refs = (x_ND, *jax.tree.leaves(params))
-    x_ECD = _take_rows(x_ND, jnp.where(maps["slot_assign"] < M, maps["slot_assign"] // K, N))
+    x_ECD = gather_rows(x_ND, jnp.where(maps["slot_assign"] < M, maps["slot_assign"] // K, N))
     y_ECD, bulk_vjp = jax.vjp(lambda x, p: mlp(p, x, expert_matmul, maps, 0),
-                              *_vary_like((x_ECD.reshape(E, capacity, D), params), *refs))
-    y_MD = _take_rows(y_ECD.reshape(E * capacity, -1), maps["assign_slot"])
+                              x_ECD.reshape(E, capacity, D), params)
+    y_MD = gather_rows(y_ECD.reshape(E * capacity, -1), maps["assign_slot"])
 
     def body(i, y):
         e, assign, token = _tile(maps, i, tile, K)
-        y_t = mlp(_expert(params, e), _take_rows(x_ND, token), _matmul, maps, i + 1)
+        y_t = mlp(_expert(params, e), gather_rows(x_ND, token), _one_expert_matmul, maps, i + 1)
         return y.at[assign].set(y_t.astype(y.dtype), mode="drop")
 
-    y_MD = jax.lax.fori_loop(0, maps["count"], body, _vary_like(y_MD, *refs))
+    y_MD = jax.lax.fori_loop(0, maps["count"], body, y_MD)
     return y_MD, (x_ND, params, maps, bulk_vjp)
 
 
@@ -172,27 +222,26 @@ def _fused_bwd(mlp, capacity, tile, res, dy_MD):
     N, D = x_ND.shape
     M = maps["order"].shape[0]
     K, E = M // N, maps["slot_assign"].shape[0] // capacity
-    dx_ECD, dparams = bulk_vjp(_take_rows(dy_MD, maps["slot_assign"]).reshape(E, capacity, -1))
-    dx_ND = _take_rows(dx_ECD.reshape(E * capacity, D), maps["assign_slot"])
+    dx_ECD, dparams = bulk_vjp(gather_rows(dy_MD, maps["slot_assign"]).reshape(E, capacity, -1))
+    dx_ND = gather_rows(dx_ECD.reshape(E * capacity, D), maps["assign_slot"])
     dx_ND = dx_ND.reshape(N, K, D).sum(axis=1)
     acc = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), dparams)
-    refs = (x_ND, dy_MD, *jax.tree.leaves(params))
 
     def body(i, carry):
         dx, dp = carry
         e, assign, token = _tile(maps, i, tile, K)
-        _, vjp = jax.vjp(lambda x, p: mlp(p, x, _matmul, maps, i + 1),
-                         *_vary_like((_take_rows(x_ND, token), _expert(params, e)), *refs))
-        dx_t, dp_e = vjp(_vary_like(_take_rows(dy_MD, assign), *refs))
+        _, vjp = jax.vjp(lambda x, p: mlp(p, x, _one_expert_matmul, maps, i + 1),
+                         gather_rows(x_ND, token), _expert(params, e))
+        dx_t, dp_e = vjp(gather_rows(dy_MD, assign))
         dx = dx.at[token].add(dx_t.astype(dx.dtype), mode="drop")
         dp = jax.tree.map(lambda a, g: jax.lax.dynamic_update_index_in_dim(
             a, jax.lax.dynamic_index_in_dim(a, e, 0) + g[None].astype(a.dtype), e, 0), dp, dp_e)
         return dx, dp
 
-    dx_ND, acc = jax.lax.fori_loop(0, maps["count"], body, _vary_like((dx_ND, acc), *refs))
-    dparams = jax.tree.map(lambda a, p: _sum_to_axes_of(a.astype(p.dtype), p), acc, params)
+    dx_ND, acc = jax.lax.fori_loop(0, maps["count"], body, (dx_ND, acc))
+    dparams = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
     zero = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), maps)
-    return _sum_to_axes_of(dx_ND.astype(x_ND.dtype), x_ND), dparams, zero
+    return dx_ND.astype(x_ND.dtype), dparams, zero
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

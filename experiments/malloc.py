@@ -14,22 +14,29 @@ the dense FFN faulted ~53 MiB per call, the ragged MoE layers 0.
 2 GiB still hands the top back, and the next call faults it in again, once a big model's
 heap has that much free at its top). The process then keeps its peak heap. It must run
 before JAX starts its threads (a thread keeps the arena it first allocated from), so the
-CLIs in experiments/ call it before importing JAX. The same settings for any process:
+CLIs in experiments/ call it before importing JAX. It is process-wide tuning for the
+command-line programs; the library itself never changes the allocator. The same settings for any process:
 `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615`.
 
-`SWITCHJAX_MALLOC`: `auto` (default: only where no JAX accelerator plugin is installed,
-so GPU/TPU hosts keep glibc's defaults), `reuse` (always), `default` (never).
+`SWITCHJAX_MALLOC`: `auto` (default: only on a host without an accelerator device, so
+GPU/TPU hosts keep glibc's defaults; an installed plugin such as `libtpu` on a CPU host
+changes nothing), `reuse` (always), `default` (never).
 """
 from __future__ import annotations
 
 import ctypes
-import importlib.util
+import glob
 import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                       "jax_rocm7_plugin", "libtpu")
+# Device files of the accelerators JAX runs on: TPU VMs (accel, vfio), NVIDIA, AMD.
+ACCELERATOR_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
 MODES = ("auto", "reuse", "default")
+
+
+def has_accelerator() -> bool:
+    """Whether this host has a TPU or GPU device file (read without starting JAX)."""
+    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICES)
 
 
 def keep_freed_memory() -> bool:
@@ -38,8 +45,7 @@ def keep_freed_memory() -> bool:
     mode = os.environ.get("SWITCHJAX_MALLOC", "auto")
     if mode not in MODES:
         raise ValueError(f"SWITCHJAX_MALLOC={mode!r}: use one of {MODES}")
-    if mode == "default" or (mode == "auto" and any(
-            importlib.util.find_spec(p) is not None for p in ACCELERATOR_PLUGINS)):
+    if mode == "default" or (mode == "auto" and has_accelerator()):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
