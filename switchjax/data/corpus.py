@@ -19,11 +19,14 @@ mtimes): another glob or an edited file gets its own directory
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
+import io
 import logging
 import os
+import sys
 import sysconfig
 import time
 from collections.abc import Sequence
@@ -166,12 +169,38 @@ class EmbeddedText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 yield f"{rel}#{i}", {"text": chunk, "path": rel, "chunk": i}
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Keeps TFDS's console output about the embedded corpus (its warning that the config is
+    custom, the preparation banners and progress bars) off the console; the output is
+    shown if the build fails."""
+    class Drop(logging.Filter):
+        def filter(self, record):
+            text = record.getMessage()
+            return not ("custom data configuration" in text or "dataset_info.json" in text)
+
+    drop, loggers = Drop(), (logging.getLogger("absl"), logging.getLogger())
+    for logger in loggers:
+        logger.addFilter(drop)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            yield
+    except BaseException:
+        sys.stderr.write(out.getvalue())
+        raise
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
 def embedded_builder(data_dir: str, globs: Sequence[str]) -> EmbeddedText:
     """The (maybe not yet prepared) builder for `globs` (empty: stdlib) in data_dir."""
     source = source_files(globs)
     config = EmbeddedTextConfig(name=source.config_name, source=source,
                                 description=f"{len(source.relpaths)} files under {source.root}")
-    return EmbeddedText(config=config, data_dir=os.path.expanduser(data_dir))
+    with _quiet_tfds():
+        return EmbeddedText(config=config, data_dir=os.path.expanduser(data_dir))
 
 
 def prepare_embedded_corpus(data_dir: str, globs: Sequence[str]) -> EmbeddedText:
@@ -182,9 +211,12 @@ def prepare_embedded_corpus(data_dir: str, globs: Sequence[str]) -> EmbeddedText
       `builder.info.splits[split].num_examples` counts its chunks.
     """
     builder = embedded_builder(data_dir, globs)
-    if not builder.is_prepared():
+    with _quiet_tfds():
+        prepared = builder.is_prepared()
+    if not prepared:
         start = time.perf_counter()
-        builder.download_and_prepare(file_format="array_record")
+        with _quiet_tfds():
+            builder.download_and_prepare(file_format="array_record")
         logging.info("Built embedded corpus %s (%d files) in %.1f s: %s",
                      builder.builder_config.name, len(builder.builder_config.source.relpaths),
                      time.perf_counter() - start, builder.data_dir)
