@@ -40,10 +40,12 @@ def main(argv=None) -> None:
     if not run.cfg.num_moe_layers:
         raise SystemExit(f"error: the model of --workdir={args.workdir!r} has no MoE layer "
                          "(a dense run). Fix: pass the workdir of a Switch run.")
-    layers = inspector.capture_routing(run.cfg, run.params, batch)
-    E = run.cfg.moe.num_experts
+    layers = inspector.capture_routing(run.cfg, run.params, batch, run.model_state)
+    E = max(run.cfg.experts_per_moe_layer)
+    experts = "/".join(map(str, sorted(set(run.cfg.experts_per_moe_layer))))
     print(f"{args.workdir} step {run.step}: {run.cfg.family}, {len(layers)} MoE layers x "
-          f"{E} experts, capacity factor {run.cfg.moe.capacity_factor(train=False)} (eval)")
+          f"{experts} experts, capacity factor {run.cfg.moe.capacity_factor(train=False)} "
+          "(eval)")
     print(inspector.format_report(layers, E, run.token_str, args.top))
     out = args.out or os.path.join(args.workdir, "inspect")
     os.makedirs(out, exist_ok=True)

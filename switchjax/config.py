@@ -13,6 +13,7 @@ import dataclasses
 import ml_collections
 
 ROUTERS = ("top1", "topk", "expert_choice", "dropless")
+ROUTER_SCORES = ("softmax", "sigmoid")
 DISPATCHES = ("einsum", "gather", "ragged")
 ROUNDINGS = ("floor", "ceil", "round")
 FAMILIES = ("encoder_decoder", "decoder_only")
@@ -50,14 +51,32 @@ def check_groups(group_size: int, rows: int, lengths, shards: int = 1) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
-    """Everything about the sparse FFN layers (one config shared by all of them).
+    """Everything about the sparse FFN layers (one config shared by all of them, except
+    the number of experts, which `num_experts_per_layer` may set per layer).
 
-    Coefficients have no hidden defaults: the paper values live in configs/.
+    Coefficients have no hidden defaults: the paper values live in configs/. The
+    routing variants and their papers are tabulated in docs/routing.md.
     """
 
     num_experts: int = 8  # E
+    # E of each sparse layer (encoder layers first, then decoder), overriding num_experts:
+    # e.g. (4, 8, 16) for DeepSpeed's pyramid PR-MoE; () = num_experts everywhere.
+    num_experts_per_layer: tuple = ()
     router: str = "top1"  # one of ROUTERS
     num_selected_experts: int = 1  # K, for 'topk' and 'dropless'
+    # 'softmax' (Switch, GShard) or 'sigmoid' (DeepSeek-V3, Llama 4): per-expert scores,
+    # with the k > 1 gates renormalised over the chosen experts if normalize_gates.
+    router_score: str = "softmax"
+    expert_d_ff: int = 0  # F of each routed and shared expert; 0 = model.d_ff (fine-grained: less)
+    # Always-on experts of width expert_d_ff added to the routed output of every sparse layer
+    # (DeepSpeed-MoE's Residual MoE: 1; DeepSeekMoE's shared experts).
+    num_shared_experts: int = 0
+    # Aux-loss-free balancing (DeepSeek-V3): after each train step every layer's per-expert
+    # selection bias moves by this rate times sign(mean load - load); 0 = no bias.
+    balance_bias_rate: float = 0.0
+    # No-token-left-behind (Mesh TF Switch 'ntlb'): a top-1 token whose expert is full tries
+    # its next-ranked experts, up to this many ranks in all; 0 or 1 = drop on overflow.
+    ntlb_ranks: int = 0
     # One of DISPATCHES; 'ragged' is required by 'dropless' and also runs 'top1'/'topk'
     # (kept assignments only, no empty slots). 'gather' is the default (README Performance).
     dispatch: str = "gather"
@@ -89,6 +108,11 @@ class MoeConfig:
         if train or self.router == "expert_choice":
             return self.capacity_factor_train
         return self.capacity_factor_eval
+
+    @property
+    def token_choice(self) -> bool:
+        """Whether tokens choose their experts (every router but expert choice)."""
+        return self.router != "expert_choice"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +153,11 @@ class ModelConfig:
             if unknown:
                 fail(f"{prefix}.{unknown[0]}", section[unknown[0]], "is not a known field",
                       f"use one of {sorted(known)}")
-        moe = MoeConfig(**config.moe.to_dict())
+        moe_fields = config.moe.to_dict()
+        per_layer = moe_fields["num_experts_per_layer"]
+        if isinstance(per_layer, (list, tuple)):  # JSON and CLI give lists; jit needs hashable
+            moe_fields["num_experts_per_layer"] = tuple(per_layer)
+        moe = MoeConfig(**moe_fields)
         cfg = cls(**config.model.to_dict(), moe=moe)
         cfg.validate()
         return cfg
@@ -140,10 +168,29 @@ class ModelConfig:
         n = self.num_encoder_layers if stack == "encoder" else self.num_decoder_layers
         return parse_layer_spec(spec, n, f"model.{stack}_moe_layers")
 
+    def moe_layers(self) -> tuple[tuple[str, int], ...]:
+        """(stack, layer index) of every sparse layer, encoder first: the order of the
+        layer axis of the model's router statistics."""
+        stacks = (["encoder"] if self.family == "encoder_decoder" else []) + ["decoder"]
+        return tuple((s, i) for s in stacks for i in self.moe_layer_indices(s))
+
     @property
     def num_moe_layers(self) -> int:
-        stacks = ["decoder"] + (["encoder"] if self.family == "encoder_decoder" else [])
-        return sum(len(self.moe_layer_indices(s)) for s in stacks)
+        return len(self.moe_layers())
+
+    @property
+    def experts_per_moe_layer(self) -> tuple[int, ...]:
+        """E of each sparse layer, in `moe_layers()` order."""
+        return self.moe.num_experts_per_layer or (self.moe.num_experts,) * self.num_moe_layers
+
+    def layer_num_experts(self, stack: str, index: int) -> int:
+        """E of sparse layer `index` of `stack`."""
+        return self.experts_per_moe_layer[self.moe_layers().index((stack, index))]
+
+    @property
+    def expert_d_ff(self) -> int:
+        """Hidden width of each routed and shared expert."""
+        return self.moe.expert_d_ff or self.d_ff
 
     def validate(self) -> None:
         m = self.moe
@@ -179,6 +226,7 @@ class ModelConfig:
                   f"use one of {EXPERT_KERNELS}")
         if m.num_experts < 1:
             fail("moe.num_experts", m.num_experts, "needs at least one expert", "set it >= 1")
+        self._validate_experts_per_layer()
         k = m.num_selected_experts
         if m.router == "top1" and k != 1:
             fail("moe.num_selected_experts", k, "router 'top1' selects exactly one expert",
@@ -191,9 +239,10 @@ class ModelConfig:
             fail("moe.batch_prioritized", m.batch_prioritized,
                   "expert choice already picks tokens by router probability",
                   "set it False")
-        if k < 1 or k > m.num_experts:
+        fewest = min(self.experts_per_moe_layer)
+        if k < 1 or k > fewest:
             fail("moe.num_selected_experts", k,
-                  f"must be between 1 and moe.num_experts={m.num_experts}",
+                  f"must be between 1 and the fewest experts of a layer ({fewest})",
                   "lower K or add experts")
         if m.router == "dropless" and m.dispatch != "ragged":
             fail("moe.dispatch", m.dispatch,
@@ -238,6 +287,55 @@ class ModelConfig:
                   "batch-prioritized routing gives slots by router probability over the whole "
                   "group, so a later token can take an earlier token's slot: not causal in a "
                   "decoder", "set it False, or model.decoder_moe_layers='none'")
+        self._validate_variants()
+
+    def _validate_experts_per_layer(self) -> None:
+        per_layer = self.moe.num_experts_per_layer
+        if not per_layer:
+            return
+        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in per_layer):
+            fail("moe.num_experts_per_layer", per_layer, "must hold positive integers",
+                 "e.g. (4, 8) for two sparse layers")
+        if len(per_layer) != self.num_moe_layers:
+            names = ", ".join(f"{s} layer_{i}" for s, i in self.moe_layers())
+            fail("moe.num_experts_per_layer", per_layer,
+                 f"lists {len(per_layer)} layers but the model has {self.num_moe_layers} "
+                 f"sparse layers ({names})",
+                 "give one E per sparse layer, encoder layers first, or () for "
+                 "moe.num_experts everywhere")
+
+    def _validate_variants(self) -> None:
+        """Shared experts, expert width, sigmoid scores, the balance bias and
+        no-token-left-behind (docs/routing.md)."""
+        m = self.moe
+        if m.router_score not in ROUTER_SCORES:
+            fail("moe.router_score", m.router_score, "unknown router score",
+                 f"use one of {ROUTER_SCORES}")
+        for name, zero in (("expert_d_ff", "model.d_ff"), ("num_shared_experts", "none")):
+            if getattr(m, name) < 0:
+                fail(f"moe.{name}", getattr(m, name), "must be >= 0", f"set it >= 0 (0 = {zero})")
+        if m.balance_bias_rate < 0:
+            fail("moe.balance_bias_rate", m.balance_bias_rate, "must be >= 0",
+                 "DeepSeek-V3 uses 0.001; 0 turns the bias off")
+        if m.balance_bias_rate > 0 and not m.token_choice:
+            fail("moe.balance_bias_rate", m.balance_bias_rate,
+                 "the bias steers which experts tokens choose, but with expert choice the "
+                 "experts choose (each takes C tokens: balanced by construction)",
+                 "set it to 0, or use a token-choice router (top1, topk, dropless)")
+        if m.ntlb_ranks < 0:
+            fail("moe.ntlb_ranks", m.ntlb_ranks, "must be >= 0", "0 or 1 = off, e.g. 4")
+        if m.ntlb_ranks > 1 and m.router != "top1":
+            fail("moe.ntlb_ranks", m.ntlb_ranks,
+                 f"no-token-left-behind re-routes what overflows top-1 routing; router "
+                 f"{m.router!r} " + {"topk": "already has next choices (GShard priority)",
+                                     "expert_choice": "lets experts choose: nothing overflows",
+                                     "dropless": "has no capacity: nothing overflows"}[m.router],
+                 "use moe.router='top1', or set moe.ntlb_ranks=0")
+        fewest = min(self.experts_per_moe_layer)
+        if m.ntlb_ranks > fewest:
+            fail("moe.ntlb_ranks", m.ntlb_ranks,
+                 f"a token can try at most the E={fewest} experts of its layer",
+                 f"set it <= {fewest}")
 
 
 def parse_layer_spec(spec: str, num_layers: int, field: str) -> tuple[int, ...]:

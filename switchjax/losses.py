@@ -65,6 +65,8 @@ def total_loss(logits: jax.Array, stats: Optional[RouterStats], batch: dict,
                        router_entropy=stats.entropy.mean(),
                        aux_loss_per_layer=stats.aux_loss,  # [num_moe_layers]
                        router_z_loss_per_layer=stats.z_loss,
-                       expert_load=stats.expert_load)  # [num_moe_layers, E]
+                       rerouted_fraction=stats.rerouted_fraction.mean(),
+                       expert_load=stats.expert_load,  # [num_moe_layers, E]
+                       expert_selected_load=stats.selected_load)  # [num_moe_layers, E]
     metrics["total_loss"] = loss
     return loss, metrics

@@ -7,9 +7,12 @@ if absent, encoder tokens > 0 and every decoder token count as one segment.
 Relative positions are taken from token indices: within a segment they equal
 the packed positions, and attention never crosses segments.
 
-`model.apply(...)` returns `(logits <float32>[B, Lt, V], stats)` where `stats`
-is a `RouterStats` whose leaves carry a leading [num_moe_layers] axis (encoder
-layers first), or None for a dense model.
+`model.apply(variables, ...)` returns `(logits <float32>[B, Lt, V], stats)` where
+`stats` is a `RouterStats` whose leaves carry a leading [num_moe_layers] axis
+(encoder layers first; per-expert leaves are padded with NaN up to the largest E
+when layers differ in E), or None for a dense model. `variables` holds `params`
+and, with `moe.balance_bias_rate` > 0, the `moe.BALANCE` collection of selection
+biases (outside the gradient; `update_balance_bias` steps it after each update).
 """
 from __future__ import annotations
 
@@ -18,21 +21,45 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from switchjax.config import ModelConfig
 from switchjax.layers import (Attention, Mlp, RMSNorm, RelativePositionBias, attention_mask,
                               truncated_normal)
-from switchjax.moe import MoeLayer
-from switchjax.routing import RouterStats
+from switchjax.moe import BALANCE, MoeLayer
+from switchjax.routing import RouterStats, balance_bias_update
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 
 
 def stack_stats(stats: list[RouterStats]) -> Optional[RouterStats]:
-    """Stacks per-layer RouterStats along a new leading layer axis."""
+    """Stacks per-layer RouterStats along a new leading layer axis; per-expert <[E]>
+    leaves of layers with fewer experts are padded with NaN (no such expert)."""
     if not stats:
         return None
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+    width = max(s.expert_load.shape[0] for s in stats)
+
+    def pad(x):
+        if x.ndim == 0 or x.shape[0] == width:
+            return x
+        return jnp.pad(x, (0, width - x.shape[0]), constant_values=jnp.nan)
+    return jax.tree.map(lambda *xs: jnp.stack([pad(x) for x in xs]), *stats)
+
+
+def update_balance_bias(model_state: dict, selected_load_LE: jax.Array,
+                        cfg: ModelConfig) -> dict:
+    """`model_state` with every MoE layer's selection bias stepped by
+    `routing.balance_bias_update` (rate `moe.balance_bias_rate`) from its row of
+    `selected_load_LE` <float32>[num_moe_layers, E_max] (RouterStats.selected_load of the
+    step, layers in `cfg.moe_layers()` order). Unchanged without a balance bias."""
+    if not cfg.moe.balance_bias_rate:
+        return model_state
+    flat = flatten_dict(model_state[BALANCE])
+    for j, (stack, index) in enumerate(cfg.moe_layers()):
+        key = (stack, f"layer_{index}", "moe", "expert_bias")
+        flat[key] = balance_bias_update(flat[key], selected_load_LE[j, :flat[key].shape[0]],
+                                        cfg.moe.balance_bias_rate)
+    return {**model_state, BALANCE: unflatten_dict(flat)}
 
 
 class Block(nn.Module):
@@ -42,6 +69,7 @@ class Block(nn.Module):
     sparse: bool
     causal: bool
     cross: bool
+    num_experts: int = 0  # E of the sparse FFN (0: moe.num_experts)
 
     @nn.compact
     def __call__(self, x, self_mask, self_bias, token_mask, *, train: bool,
@@ -59,7 +87,8 @@ class Block(nn.Module):
         h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_norm")(x)
         stats = None
         if self.sparse:
-            h, stats = MoeLayer(cfg, name="moe")(h, train=train, token_mask_BL=token_mask)
+            h, stats = MoeLayer(cfg, self.num_experts, name="moe")(h, train=train,
+                                                                  token_mask_BL=token_mask)
         else:
             h = Mlp(cfg, name="mlp")(h, train=train)
         x = x + drop(h, deterministic=not train)
@@ -89,9 +118,11 @@ class Stack(nn.Module):
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
         stats = []
         for i in range(n):
+            experts = cfg.layer_num_experts(self.name_prefix, i) if i in sparse else 0
             x, s = Block(cfg, sparse=i in sparse, causal=self.causal, cross=self.cross,
-                         name=f"layer_{i}")(x, self_mask, bias, token_mask, train=train,
-                                            encoded=encoded, cross_mask=cross_mask)
+                         num_experts=experts, name=f"layer_{i}")(
+                x, self_mask, bias, token_mask, train=train, encoded=encoded,
+                cross_mask=cross_mask)
             if s is not None:
                 stats.append(s)
         x = RMSNorm(cfg.layer_norm_epsilon, name="final_norm")(x)

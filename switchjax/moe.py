@@ -24,6 +24,13 @@ back: exact, no fixed buffers, at the price of moving every token to every exper
 shard of its data row. How the experts are computed (`moe.expert_kernel`) is
 chosen in kernels.py.
 Capacity is per group, so the result never depends on the mesh.
+
+Routing variants (docs/routing.md): shared experts (`moe.num_shared_experts`)
+run on every token of the device's groups, replicated over 'data' and 'expert'
+and split over 'model' like a dense FFN; the aux-loss-free selection bias
+(`moe.balance_bias_rate`) is a non-parameter variable in the `BALANCE`
+collection, replicated, updated by the train step (`models.update_balance_bias`);
+each layer may have its own number of experts (`MoeLayer.num_experts`).
 """
 from __future__ import annotations
 
@@ -43,11 +50,14 @@ from switchjax.config import ModelConfig, check_groups, fail
 from switchjax.layers import ffn
 
 BATCH_AXES = ("data", "expert")  # mesh axes the token groups are split over
+BALANCE = "moe_balance"  # variable collection of the aux-loss-free selection biases
+SHARED = ("shared_wi", "shared_wi_gate", "shared_wo")  # the shared experts' weights
 
 
 def router_probs(w_DE: jax.Array, x_GSD: jax.Array, cfg: ModelConfig,
                  jitter_rng: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Router logits and probabilities <float32>[G, S, E].
+    """Router logits and scores <float32>[G, S, E]: softmax probabilities, or each
+    expert's sigmoid with `moe.router_score='sigmoid'`.
 
     Computed in `moe.router_dtype` (float32 = selective precision) whatever the
     activation dtype. Jitter multiplies the router's copy of the input only.
@@ -58,13 +68,26 @@ def router_probs(w_DE: jax.Array, x_GSD: jax.Array, cfg: ModelConfig,
         eps = cfg.moe.jitter_noise
         xr = xr * jax.random.uniform(jitter_rng, xr.shape, dtype, 1.0 - eps, 1.0 + eps)
     logits = jnp.einsum("gsd,de->gse", xr, w_DE.astype(dtype))
-    probs = jax.nn.softmax(logits, axis=-1)
+    if cfg.moe.router_score == "sigmoid":
+        probs = jax.nn.sigmoid(logits)
+    else:
+        probs = jax.nn.softmax(logits, axis=-1)
     return logits.astype(jnp.float32), probs.astype(jnp.float32)
 
 
-def route(probs: jax.Array, cfg: ModelConfig, train: bool, token_mask, rng) -> routing_lib.Routing:
-    """Applies `moe.router` to <float32>[G, S, E] probabilities
-    (capacity factor: `MoeConfig.capacity_factor(train)`)."""
+def router_distribution(scores: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The router's distribution over experts <float32>[G, S, E] for the statistics:
+    the softmax as is, sigmoid scores normalised to sum to 1 (DeepSeek-V3's s')."""
+    if cfg.moe.router_score == "sigmoid":
+        return scores / jnp.sum(scores, axis=-1, keepdims=True)
+    return scores
+
+
+def route(probs: jax.Array, cfg: ModelConfig, train: bool, token_mask, rng,
+          bias: Optional[jax.Array] = None) -> routing_lib.Routing:
+    """Applies `moe.router` to <float32>[G, S, E] router scores
+    (capacity factor: `MoeConfig.capacity_factor(train)`; `bias`: the layer's
+    <float32>[E] selection bias, or None)."""
     m = cfg.moe
     S, E = probs.shape[1:]
     k = m.num_selected_experts
@@ -78,28 +101,36 @@ def route(probs: jax.Array, cfg: ModelConfig, train: bool, token_mask, rng) -> r
                                                m.min_capacity, m.capacity_rounding)
     if m.router == "expert_choice":
         return routing_lib.route_expert_choice(probs, capacity, token_mask=token_mask)
+    if m.ntlb_ranks > 1:
+        return routing_lib.route_no_token_left_behind(
+            probs, m.ntlb_ranks, capacity, token_mask=token_mask,
+            batch_prioritized=m.batch_prioritized, selection_bias=bias)
     random_rng = rng if (train and m.second_expert_policy == "random") else None
     return routing_lib.route_top_k(probs, k, capacity, token_mask=token_mask,
                                    batch_prioritized=m.batch_prioritized,
                                    normalize_gates=m.normalize_gates,
-                                   random_second_rng=random_rng)
+                                   random_second_rng=random_rng, selection_bias=bias)
 
 
 def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Array],
                 cfg: ModelConfig, *, train: bool, rng: Optional[jax.Array],
+                expert_bias: Optional[jax.Array] = None,
                 expert_axis: Optional[str] = None, model_axis: Optional[str] = None,
                 stats_axes: tuple[str, ...] = ()):
-    """Routes, dispatches, runs the experts and combines.
+    """Routes, dispatches, runs the experts and combines (+ the shared experts).
 
     Args:
       params: router <[D, E]>, wi (and wi_gate) <[E, D, F]>, wo <[E, F, D]>; inside
-        shard_map the expert weights are the local shard [E/n, D, F/m].
+        shard_map the expert weights are the local shard [E/n, D, F/m]. With shared
+        experts also shared_wi (and shared_wi_gate) <[D, N·F]>, shared_wo <[N·F, D]>.
       x_GSD: <[G, S, D]> tokens in the activation dtype.
-      token_mask_GS: <bool>[G, S] or None; False tokens take no slot and output 0.
+      token_mask_GS: <bool>[G, S] or None; False tokens take no slot.
       train: selects capacity_factor_train and enables jitter/dropout/random routing.
       rng: key for jitter, random second-expert routing and expert dropout.
+      expert_bias: <float32>[E] selection bias (aux-loss-free balancing) or None.
       expert_axis, model_axis, stats_axes: mesh axis names, set only inside shard_map.
-    Returns (<[G, S, D]>, RouterStats). Tokens that reach no expert are exact zeros.
+    Returns (<[G, S, D]>, RouterStats). Tokens that reach no routed expert get the
+    shared experts' output alone: exact zeros without shared experts.
     """
     m = cfg.moe
     G, S, D = x_GSD.shape
@@ -108,8 +139,9 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
                                           else (None, None, None))
     with jax.named_scope("router"):
         logits, probs = router_probs(params["router"], x_GSD, cfg, jitter_rng)
-        routing = route(probs, cfg, train, token_mask_GS, route_rng)
-        stats = routing_lib.router_stats(logits, probs, routing, token_mask_GS, stats_axes)
+        routing = route(probs, cfg, train, token_mask_GS, route_rng, expert_bias)
+        stats = routing_lib.router_stats(logits, router_distribution(probs, cfg), routing,
+                                         token_mask_GS, stats_axes)
 
     def finish(y):  # partial sums over the hidden-dim shards
         return jax.lax.psum(y, model_axis) if model_axis else y
@@ -146,6 +178,13 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
             if expert_axis:
                 y_EGCD = jax.lax.all_to_all(y_EGCD, expert_axis, 1, 0, tiled=True)
             y = combine_fn(y_EGCD, routing, S)
+    if "shared_wi" in params:
+        with jax.named_scope("shared_experts"):
+            shared = {k[len("shared_"):]: params[k] for k in SHARED if k in params}
+            rng_shared = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1)
+            y_shared = finish(ffn(shared, x_GSD.reshape(G * S, D), cfg.activation,
+                                  m.expert_dropout, lambda a, w: a @ w, rng_shared))
+            y = y + y_shared.reshape(G, S, D).astype(y.dtype)
     if m.dropped_token_output == "hf":  # transformers: dropped tokens leave as p_max·x
         reached = jnp.any(routing.kept, axis=-1, keepdims=True)
         y = y + jnp.where(reached, 0.0, probs.max(-1, keepdims=True)).astype(y.dtype) * x_GSD
@@ -180,16 +219,22 @@ def _manual_mesh(cfg: ModelConfig):
 
 
 class MoeLayer(nn.Module):
-    """Sparse FFN <[B, L, D]> -> (<[B, L, D]>, RouterStats)."""
+    """Sparse FFN <[B, L, D]> -> (<[B, L, D]>, RouterStats).
+
+    num_experts: E of this layer (0: `moe.num_experts`; models.py passes each layer's).
+    With `moe.balance_bias_rate` > 0 the layer reads its selection bias <float32>[E]
+    from the `BALANCE` variable collection: apply the model to the full variables.
+    """
 
     config: ModelConfig
+    num_experts: int = 0
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, *, train: bool,
                  token_mask_BL: Optional[jax.Array] = None):
         cfg, m = self.config, self.config.moe
         B, L, D = x_BLD.shape
-        E, F = m.num_experts, cfg.d_ff
+        E, F = self.num_experts or m.num_experts, cfg.expert_d_ff
 
         def init(scale, names, **kw):
             return nn.with_logical_partitioning(
@@ -206,6 +251,8 @@ class MoeLayer(nn.Module):
                 (E, D, F), jnp.float32)
         params["wo"] = self.param("wo", init(m.expert_init_scale, ("expert", "mlp", "embed"),
                                              **stacked), (E, F, D), jnp.float32)
+        params.update(self._shared_params(init, D, F))
+        bias = self._balance_bias(E)
 
         mesh = _manual_mesh(cfg)
         check_groups(m.group_size, B, (L,), _batch_shards(mesh))
@@ -217,10 +264,39 @@ class MoeLayer(nn.Module):
                                or m.second_expert_policy == "random")
         rng = self.make_rng("dropout") if needs_rng else None
         if mesh is None:
-            y, stats = moe_forward(params, x_GSD, mask_GS, cfg, train=train, rng=rng)
+            y, stats = moe_forward(params, x_GSD, mask_GS, cfg, train=train, rng=rng,
+                                   expert_bias=bias)
         else:
-            y, stats = _sharded_forward(params, x_GSD, mask_GS, cfg, train, rng, mesh)
+            y, stats = _sharded_forward(params, x_GSD, mask_GS, cfg, train, rng, mesh, bias)
         return y.reshape(B, L, D), stats
+
+    def _shared_params(self, init, D: int, F: int) -> dict:
+        """`moe.num_shared_experts` = N experts of width F as one FFN of width N·F (the sum
+        of their outputs), each part initialised like a routed expert (fan-in F in wo)."""
+        m = self.config.moe
+        N = m.num_shared_experts
+        if not N:
+            return {}
+        names = ("shared_wi_gate",) if self.config.activation.startswith("gated_") else ()
+        shared = {name: self.param(name, init(m.expert_init_scale, ("embed", "mlp")),
+                                   (D, N * F), jnp.float32) for name in ("shared_wi",) + names}
+        shared["shared_wo"] = self.param("shared_wo", init(N * m.expert_init_scale,
+                                                           ("mlp", "embed")), (N * F, D),
+                                         jnp.float32)
+        return shared
+
+    def _balance_bias(self, E: int) -> Optional[jax.Array]:
+        """The layer's aux-loss-free selection bias <float32>[E] (zeros at init), or None."""
+        if not self.config.moe.balance_bias_rate:
+            return None
+        if not (self.is_initializing() or self.has_variable(BALANCE, "expert_bias")):
+            raise ValueError(
+                f"MoE layer {'/'.join(self.scope.path)} routes with a selection bias "
+                f"(moe.balance_bias_rate={self.config.moe.balance_bias_rate}) but the variables "
+                f"hold no {BALANCE!r} collection. Fix: apply the model to the full variables "
+                f"{{'params': ..., {BALANCE!r}: ...}} (TrainState.variables()), not the "
+                "params alone.")
+        return self.variable(BALANCE, "expert_bias", jnp.zeros, (E,), jnp.float32).value
 
 
 def _batch_shards(mesh) -> int:
@@ -230,32 +306,37 @@ def _batch_shards(mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
 
 
-def _sharded_forward(params, x_GSD, mask_GS, cfg, train, rng, mesh):
+def _sharded_forward(params, x_GSD, mask_GS, cfg, train, rng, mesh, bias):
     """`moe_forward` under shard_map: groups over ('data','expert'), experts over 'expert'."""
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     n_expert = mesh.shape["expert"] if "expert" in mesh.axis_names else 1
-    if cfg.moe.num_experts % n_expert:
-        fail("moe.num_experts", cfg.moe.num_experts,
-             f"is not divisible by the mesh 'expert' axis ({n_expert})",
-             "change mesh.expert or moe.num_experts")
+    E = params["router"].shape[-1]
+    if E % n_expert:
+        field = "moe.num_experts_per_layer" if cfg.moe.num_experts_per_layer else "moe.num_experts"
+        fail(field, getattr(cfg.moe, field.split(".")[1]),
+             f"a layer's {E} experts do not divide over the mesh 'expert' axis ({n_expert})",
+             f"change mesh.expert or {field}")
     model_axis = "model" if "model" in mesh.axis_names and mesh.shape["model"] > 1 else None
     expert_axis = "expert" if n_expert > 1 else None
     w_spec = {"router": P(), "wi": P(expert_axis, None, model_axis),
-              "wi_gate": P(expert_axis, None, model_axis), "wo": P(expert_axis, model_axis, None)}
+              "wi_gate": P(expert_axis, None, model_axis), "wo": P(expert_axis, model_axis, None),
+              "shared_wi": P(None, model_axis), "shared_wi_gate": P(None, model_axis),
+              "shared_wo": P(model_axis, None)}
     param_specs = {k: w_spec[k] for k in params}
     g_spec = P(batch_axes)
     has_rng = rng is not None
 
-    def local(params, x, mask, rng):
+    def local(params, x, mask, rng, bias):
         if has_rng and batch_axes:  # independent noise per token shard
             rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
-        return moe_forward(params, x, mask, cfg, train=train, rng=rng, expert_axis=expert_axis,
-                           model_axis=model_axis, stats_axes=batch_axes)
+        return moe_forward(params, x, mask, cfg, train=train, rng=rng, expert_bias=bias,
+                           expert_axis=expert_axis, model_axis=model_axis, stats_axes=batch_axes)
 
     # check_vma=False: the custom VJPs inside (dispatch.take_rows, the CPU kernels) then
     # return plain per-device cotangents; shard_map's transpose sums them over the axes
     # a parameter is replicated on.
     fn = jax.shard_map(local, mesh=mesh,
-                       in_specs=(param_specs, g_spec, g_spec if mask_GS is not None else P(), P()),
+                       in_specs=(param_specs, g_spec, g_spec if mask_GS is not None else P(), P(),
+                                 P()),
                        out_specs=(g_spec, P()), check_vma=False)
-    return fn(params, x_GSD, mask_GS, rng)
+    return fn(params, x_GSD, mask_GS, rng, bias)

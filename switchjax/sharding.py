@@ -133,7 +133,8 @@ _DIVISIBLE = (("model.num_heads", lambda c: c.num_heads, "heads"),
               ("model.d_model", lambda c: c.d_model, "embed"),
               ("model.head_dim", lambda c: c.head_dim, "kv"),
               ("model.relative_attention_num_buckets",
-               lambda c: c.relative_attention_num_buckets, "relpos_buckets"))
+               lambda c: c.relative_attention_num_buckets, "relpos_buckets"),
+              ("moe.expert_d_ff", lambda c: c.expert_d_ff if c.num_moe_layers else 0, "mlp"))
 
 
 def validate_mesh(cfg: ModelConfig, mesh: Mesh, global_batch_size: Optional[int] = None,
@@ -152,7 +153,12 @@ def validate_mesh(cfg: ModelConfig, mesh: Mesh, global_batch_size: Optional[int]
     """
     d, e, m = (mesh.shape[a] for a in MESH_AXES)
     moe = cfg.moe
-    if cfg.num_moe_layers and moe.num_experts % e:
+    if cfg.num_moe_layers and moe.num_experts_per_layer and any(
+            n % e for n in moe.num_experts_per_layer):
+        raise ConfigError(f"moe.num_experts_per_layer={moe.num_experts_per_layer}: not every "
+                          f"layer's experts are divisible by mesh.expert={e}. Fix: make the "
+                          "expert axis a divisor of every layer's number of experts.")
+    if cfg.num_moe_layers and not moe.num_experts_per_layer and moe.num_experts % e:
         raise ConfigError(f"moe.num_experts={moe.num_experts} is not divisible by mesh.expert={e}. "
                           "Fix: make the expert axis a divisor of the number of experts.")
     table = dict(LOGICAL_RULES if rules is None else rules)

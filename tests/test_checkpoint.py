@@ -18,6 +18,15 @@ from switchjax.config import ConfigError
 from switchjax.train import checkpoint, loop
 
 
+BALANCE_RATE = 0.01
+
+
+def balanced(config):
+    """`config` with aux-loss-free balancing (selection biases) on."""
+    config.moe.balance_bias_rate = BALANCE_RATE
+    return config
+
+
 def _assert_same_tree(a, b):
     la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
     assert [p for p, _ in la] == [p for p, _ in lb]
@@ -32,12 +41,15 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     The killed run is `python -m experiments.train` in a subprocess; the straight
     run and the restart call `train_and_evaluate` here with the same config (same
     8 host devices, matmul precision and compiled programs as the subprocess).
+    The runs balance their experts with aux-loss-free selection biases as well as
+    the aux loss: the biases are train state, saved and restored with it.
     """
-    config = tiny_config(log_every=1)  # N = checkpoint_every = 10, 2N = 20 steps
+    config = balanced(tiny_config(log_every=1))  # N = checkpoint_every = 10, 2N = 20 steps
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     victim = subprocess.Popen(
         [sys.executable, os.path.join("tests", "hang_worker.py"), "--config",
-         "configs/cpu_base.py:smoke", *cli_args(config), "--workdir", resumed],
+         "configs/cpu_base.py:smoke", *cli_args(config), "--workdir", resumed,
+         f"--config.moe.balance_bias_rate={BALANCE_RATE}"],
         cwd=REPO, env={**env(), "HANG_AT_STEP": "13"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:
@@ -53,8 +65,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert 12 in records(resumed, "train")  # it really got past the checkpoint
     assert not os.path.exists(os.path.join(resumed, "checkpoints", "20"))
 
-    loop.train_and_evaluate(tiny_config(log_every=1), straight)
-    loop.train_and_evaluate(tiny_config(log_every=1), resumed)
+    loop.train_and_evaluate(balanced(tiny_config(log_every=1)), straight)
+    loop.train_and_evaluate(balanced(tiny_config(log_every=1)), resumed)
 
     for split in ("train", "eval"):
         a, b = records(straight, split), records(resumed, split)
@@ -66,7 +78,9 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     state_a, step_a = checkpoint.read_state(straight)
     state_b, step_b = checkpoint.read_state(resumed)
     assert step_a == step_b == 20
-    _assert_same_tree(state_a, state_b)  # params and optimizer state, bitwise
+    _assert_same_tree(state_a, state_b)  # params, optimizer state and biases, bitwise
+    biases = jax.tree.leaves(state_a["model_state"])
+    assert len(biases) == 2 and all(np.abs(b).max() > 0 for b in biases)  # 2 MoE layers
 
 
 @pytest.mark.slow
@@ -140,4 +154,33 @@ def test_unreadable_checkpoints_are_an_error_not_a_fresh_start(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="step 7"):
         ckpt.restore_latest(abstract)
     assert ckpt.all_steps() == [7]  # left in place
+    ckpt.close()
+
+
+def test_checkpoint_without_model_state_restores_into_the_train_state(tmp_path):
+    """A checkpoint written before the train state held `model_state` restores into a
+    state whose model_state is empty; one with a model state restores it."""
+    import flax.struct
+    from switchjax.train.state import TrainState
+
+    @flax.struct.dataclass
+    class Legacy:
+        step: jax.Array
+        params: dict
+        opt_state: tuple
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3, async_save=False)
+    arrays = dict(step=np.int32(3), params={"w": np.arange(4, dtype=np.float32)},
+                  opt_state=(np.ones(2, np.float32),))
+    bias = {"moe_balance": {"b": np.full(3, 0.5, np.float32)}}
+    for step, state in ((3, Legacy(**arrays)), (4, TrainState(**arrays, model_state=bias))):
+        ckpt.manager.save(step, args=checkpoint.ocp.args.Composite(
+            state=checkpoint.ocp.args.StandardSave(state)))
+    ckpt.wait()
+    abstract = lambda s: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), s)  # noqa
+    restored = ckpt.restore(3, abstract(TrainState(**arrays)))
+    assert isinstance(restored, TrainState) and restored.model_state == {}
+    _assert_same_tree(restored.params, arrays["params"])
+    restored = ckpt.restore(4, abstract(TrainState(**arrays, model_state=bias)))
+    _assert_same_tree(restored.model_state, bias)
     ckpt.close()

@@ -77,6 +77,24 @@ def test_overrides_reach_the_dataclasses():
     ({"model.decoder_moe_layers": "odd"}, "model.decoder_moe_layers"),
     ({"model.encoder_moe_layers": "1,6"}, "model.encoder_moe_layers"),  # 6 layers: 0..5
     ({"model.decoder_moe_layers": "-1"}, "model.decoder_moe_layers"),
+    # Routing variants (docs/routing.md); the default model has 6 sparse layers.
+    ({"moe.num_experts_per_layer": (8, 8)}, "moe.num_experts_per_layer"),
+    ({"moe.num_experts_per_layer": (8, 0, 8, 8, 8, 8)}, "moe.num_experts_per_layer"),
+    ({"moe.num_experts_per_layer": (8, 8, 8, 1, 8, 8), "moe.router": "topk",
+      "moe.num_selected_experts": 2}, "moe.num_selected_experts"),
+    ({"moe.router_score": "tanh"}, "moe.router_score"),
+    ({"moe.expert_d_ff": -1}, "moe.expert_d_ff"),
+    ({"moe.num_shared_experts": -1}, "moe.num_shared_experts"),
+    ({"moe.balance_bias_rate": -1e-3}, "moe.balance_bias_rate"),
+    ({"moe.balance_bias_rate": 1e-3, "moe.router": "expert_choice",
+      "model.decoder_moe_layers": "none"}, "moe.balance_bias_rate"),
+    ({"moe.ntlb_ranks": -1}, "moe.ntlb_ranks"),
+    ({"moe.ntlb_ranks": 2, "moe.router": "topk", "moe.num_selected_experts": 2},
+     "moe.ntlb_ranks"),
+    ({"moe.ntlb_ranks": 2, "moe.router": "dropless", "moe.dispatch": "ragged"},
+     "moe.ntlb_ranks"),
+    ({"moe.ntlb_ranks": 9}, "moe.ntlb_ranks"),  # 8 experts
+    ({"moe.ntlb_ranks": 5, "moe.num_experts_per_layer": (8, 8, 8, 4, 8, 8)}, "moe.ntlb_ranks"),
 ])
 def test_validate_rejects_naming_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
@@ -127,3 +145,21 @@ def test_layer_spec_parsing():
     assert cfg.num_moe_layers == 4
     cfg = build(**{"model.encoder_moe_layers": "none", "model.decoder_moe_layers": ""})
     assert cfg.num_moe_layers == 0
+
+
+def test_routing_variants_build():
+    """Every variant of docs/routing.md on the token-choice routers it supports."""
+    for overrides in ({"moe.num_shared_experts": 2, "moe.router": "expert_choice",
+                       "model.decoder_moe_layers": "none"},
+                      {"moe.router_score": "sigmoid", "moe.router": "topk",
+                       "moe.num_selected_experts": 2, "moe.balance_bias_rate": 1e-3},
+                      {"moe.router": "dropless", "moe.dispatch": "ragged",
+                       "moe.balance_bias_rate": 1e-3, "moe.router_score": "sigmoid"},
+                      {"moe.ntlb_ranks": 8, "moe.batch_prioritized": True,
+                       "model.decoder_moe_layers": "none"},
+                      {"moe.num_experts_per_layer": [2, 4, 8, 16, 32, 64], "moe.ntlb_ranks": 2,
+                       "moe.expert_d_ff": 128}):
+        cfg = build(**overrides)
+        assert cfg.moe.num_experts_per_layer == tuple(cfg.moe.num_experts_per_layer)
+    assert build(**{"moe.num_experts_per_layer": [2, 4, 8, 16, 32, 64]}).layer_num_experts(
+        "decoder", 3) == 32  # encoder 1, 3, 5 then decoder 1, 3, 5

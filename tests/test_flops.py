@@ -36,7 +36,8 @@ def actual_params(cfg):
                                                        "decoder_input_tokens")}
     model = make_model(cfg)
     shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), batch)))["params"]
-    parts = dict(embedding=0, attention=0, dense_ffn=0, experts=0, router=0, other=0)
+    parts = dict(embedding=0, attention=0, dense_ffn=0, experts=0, shared_experts=0, router=0,
+                 other=0)
     leaves = jax.tree_util.tree_leaves_with_path(
         shapes, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     for path, leaf in leaves:
@@ -50,7 +51,8 @@ def actual_params(cfg):
         elif "mlp" in keys:
             parts["dense_ffn"] += size
         elif "moe" in keys:
-            parts["router" if keys[-1] == "router" else "experts"] += size
+            parts["router" if keys[-1] == "router" else
+                  "shared_experts" if keys[-1].startswith("shared_") else "experts"] += size
         else:
             assert keys[-1] in ("scale", "rel_embedding"), keys
             parts["other"] += size
@@ -66,16 +68,21 @@ def actual_params(cfg):
      "model.encoder_moe_layers": "0,2", "moe.num_experts": 8},
     {"moe.router": "topk", "moe.num_selected_experts": 2, "model.encoder_moe_layers": "none"},
     {"model.encoder_moe_layers": "none", "model.decoder_moe_layers": "none"},
-], ids=["switch-enc-dec", "decoder-only-tied", "expert-choice", "top2", "dense"])
+    {"moe.router": "topk", "moe.num_selected_experts": 2, "moe.num_experts_per_layer": (4, 8, 2),
+     "moe.num_shared_experts": 2, "moe.expert_d_ff": 6, "model.encoder_moe_layers": "0,2"},
+], ids=["switch-enc-dec", "decoder-only-tied", "expert-choice", "top2", "dense",
+        "pyramid-shared-fine"])
 def test_param_counts_match_initialised_model(overrides):
     cfg = build(**{**TINY, **overrides})
     got = flops.param_counts(cfg)
     want = actual_params(cfg)
     for part, value in want.items():
         assert got[part] == value, (part, got[part], value)
+    assert set(got) == set(want) | {"active"}
     # Active parameters: the experts of a sparse layer count k times one expert
     # (the capacity factor for expert choice), everything else once.
-    one_expert = (3 if cfg.activation.startswith("gated_") else 2) * cfg.d_model * cfg.d_ff
+    one_expert = (3 if cfg.activation.startswith("gated_") else 2) * cfg.d_model * (
+        cfg.moe.expert_d_ff or cfg.d_ff)
     k = (cfg.moe.capacity_factor_train if cfg.moe.router == "expert_choice"
          else cfg.moe.num_selected_experts)
     want_active = want["total"] - want["experts"] + cfg.num_moe_layers * k * one_expert
@@ -117,14 +124,16 @@ def test_forward_flops_match_xla_cost_analysis(family, Li, Lt):
     """
     Bb = 2
     extra = ({"moe.dispatch": "gather", "moe.capacity_factor_eval": 1.0,
-              "moe.min_capacity": 0, "moe.num_experts": 4}
+              "moe.min_capacity": 0, "moe.num_experts_per_layer": (4,),
+              "moe.num_shared_experts": 1, "moe.expert_d_ff": 128}
              if family == "decoder_only" else
              {"model.encoder_moe_layers": "none", "model.decoder_moe_layers": "none"})
     cfg = build(**{"model.family": family, "model.vocab_size": 128, "model.d_model": 64,
                    "model.d_ff": 256, "model.num_heads": 4, "model.head_dim": 16,
                    "model.num_encoder_layers": 2, "model.num_decoder_layers": 2, **extra})
     # Decoder-only: top-1 with C = S/E exactly (cf 1, no minimum), so the capacity
-    # slots equal the active tokens and XLA sees the analytic count.
+    # slots equal the active tokens and XLA sees the analytic count; half-width
+    # experts and one shared expert.
     model = make_model(cfg)
     batch = {"encoder_input_tokens": jnp.ones((Bb, Li), jnp.int32),
              "decoder_input_tokens": jnp.ones((Bb, Lt), jnp.int32)}
@@ -140,6 +149,9 @@ def test_forward_flops_match_xla_cost_analysis(family, Li, Lt):
 def test_moe_layer_flops_match_xla_and_capacity(router, k, dispatch):
     G, S, D, F, E, cf = 2, 64, 64, 256, 4, 1.25
     extra = {"model.decoder_moe_layers": "none"} if router == "expert_choice" else {}
+    shared = router == "topk"  # + one shared expert
+    if shared:
+        extra["moe.num_shared_experts"] = 1
     cfg = build(**{"model.d_model": D, "model.d_ff": F, "model.activation": "relu",
                    "moe.num_experts": E, "moe.router": router, "moe.num_selected_experts": k,
                    "moe.dispatch": dispatch, "moe.capacity_factor_train": cf, **extra})
@@ -149,15 +161,20 @@ def test_moe_layer_flops_match_xla_and_capacity(router, k, dispatch):
     np.testing.assert_allclose(parts["experts"], E * C / S * ffn)
     np.testing.assert_allclose(parts["experts"] / ffn, cf * k, rtol=0.01)
     np.testing.assert_allclose(parts["router"], 2 * D * E)
+    assert parts["shared"] == (ffn if shared else 0.0)
     assert parts["dispatch"] == (4 * E * C * D if dispatch == "einsum" else 0.0)
-    # ratio_to_dense divides by a dense FFN of k*F hidden units (same active params).
+    # ratio_to_dense divides by a dense FFN of (k + shared)*F hidden units (same active
+    # params).
     if dispatch == "gather":
-        active = cf if router == "expert_choice" else k
-        np.testing.assert_allclose(parts["ratio_to_dense"], cf * k / active + 2 * D * E
-                                   / (active * ffn), rtol=0.01)
+        active = (cf if router == "expert_choice" else k) + shared
+        np.testing.assert_allclose(parts["ratio_to_dense"], (cf * k + shared) / active
+                                   + 2 * D * E / (active * ffn), rtol=0.01)
     params = {"router": jax.ShapeDtypeStruct((D, E), jnp.float32),
               "wi": jax.ShapeDtypeStruct((E, D, F), jnp.float32),
               "wo": jax.ShapeDtypeStruct((E, F, D), jnp.float32)}
+    if shared:
+        params.update(shared_wi=jax.ShapeDtypeStruct((D, F), jnp.float32),
+                      shared_wo=jax.ShapeDtypeStruct((F, D), jnp.float32))
     x = jax.ShapeDtypeStruct((G, S, D), jnp.float32)
     xla = _xla_flops(lambda p, x: moe_forward(p, x, None, cfg, train=True, rng=None)[0],
                      params, x) / (G * S)
@@ -189,7 +206,16 @@ BASE = {"model.vocab_size": 32128, "model.d_model": 768, "model.d_ff": 2048,
     # match when both stacks see as many tokens (see the report on asymmetric stacks).
     ({"moe.router": "expert_choice", "model.decoder_moe_layers": "none",
       "moe.capacity_factor_train": 2.0}, 2048 * 30 // 24, (256, 256)),  # 24 + 6 * (2 - 1)
-], ids=["top1", "top2", "top2-long-targets", "top2-decoder-only", "expert-choice"])
+    # Residual MoE: top-1 + one shared expert = 2 FFNs per sparse layer: 24 + 12.
+    ({"moe.num_shared_experts": 1}, 3072, (512, 114)),
+    # DeepSeekMoE-style: 4 of 64 experts of width 256 + 2 shared (6 x 256 = 1536 per
+    # sparse layer): (12 + 12 * 1536 / 2048) / 24 of 2048 = 1792.
+    ({"moe.router": "topk", "moe.num_selected_experts": 4, "moe.num_experts": 64,
+      "moe.expert_d_ff": 256, "moe.num_shared_experts": 2}, 1792, (512, 114)),
+    # Pyramid (a number of experts per layer): only the router FLOPs change.
+    ({"moe.num_experts_per_layer": (32,) * 6 + (64,) * 6}, 2048, (512, 114)),
+], ids=["top1", "top2", "top2-long-targets", "top2-decoder-only", "expert-choice",
+        "residual-moe", "fine-grained-shared", "pyramid"])
 def test_flop_matched_dense_has_equal_forward_flops(overrides, want_d_ff, lengths):
     sparse_cd = config_dict(**{**BASE, **overrides})
     dense_cd = flops.flop_matched_dense(sparse_cd)

@@ -315,3 +315,68 @@ def test_compile_time_does_not_scale_with_num_experts():
     print(f"\ntrain-step lower+compile: E=8 {w8:.2f}s wall / {c8:.2f}s cpu, "
           f"E=128 {w128:.2f}s wall / {c128:.2f}s cpu")
     assert c128 < 3 * c8, (c8, c128)
+
+
+# ----------------------------------------------------------------------------- routing variants
+
+def test_per_layer_experts_shared_and_fine_grained_shapes():
+    """moe.num_experts_per_layer gives each sparse layer (encoder first) its own E; shared
+    experts are one [D, N·F] FFN per layer; expert_d_ff sets F of routed and shared
+    experts, leaving the dense FFNs at model.d_ff."""
+    cfg = make_cfg(**{"model.encoder_moe_layers": "0,1", "model.decoder_moe_layers": "1",
+                      "moe.num_experts_per_layer": [2, 4, 8], "moe.num_shared_experts": 3,
+                      "moe.expert_d_ff": 8})
+    assert cfg.moe.num_experts_per_layer == (2, 4, 8)  # a list becomes a (hashable) tuple
+    assert cfg.experts_per_moe_layer == (2, 4, 8)
+    shapes = param_shapes(cfg, make_batch())
+    for (stack, i), E in zip(cfg.moe_layers(), (2, 4, 8)):
+        moe = shapes[stack][f"layer_{i}"]["moe"]
+        assert moe["router"].shape == (16, E) and moe["wi"].shape == (E, 16, 8)
+        assert moe["shared_wi"].shape == (16, 24) and moe["shared_wo"].shape == (24, 16)
+    assert shapes["decoder"]["layer_0"]["mlp"]["wi"].shape == (16, 32)
+
+
+def test_shared_experts_are_initialised_like_routed_experts():
+    """Each of the N shared experts has fan-in F in wo, like a routed expert (not N·F)."""
+    cfg = make_cfg(**{"model.family": "decoder_only", "model.decoder_moe_layers": "1",
+                      "model.d_ff": 256, "moe.num_shared_experts": 4, "moe.num_experts": 4,
+                      "moe.expert_init_scale": 1.0})
+    model = make_model(cfg)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), make_batch()))["params"]
+    moe = params["decoder"]["layer_1"]["moe"]
+    std_routed, std_shared = float(jnp.std(moe["wo"])), float(jnp.std(moe["shared_wo"]))
+    assert abs(std_shared / std_routed - 1) < 0.05, (std_shared, std_routed)
+    assert abs(float(jnp.std(moe["shared_wi"])) / float(jnp.std(moe["wi"])) - 1) < 0.05
+
+
+def test_balance_bias_is_a_variable_used_by_apply_and_eval():
+    """The selection biases live in the moe_balance collection ([E] per layer, zeros at
+    init), outside the params; apply and eval_step route with them; the params alone are
+    refused; `update_balance_bias` steps each layer from its own (unpadded) loads."""
+    from switchjax.models import update_balance_bias
+    from switchjax.moe import BALANCE
+    from switchjax.train.step import eval_step
+    cfg = make_cfg(**{"model.num_encoder_layers": 1, "model.num_decoder_layers": 1,
+                      "model.encoder_moe_layers": "all", "model.decoder_moe_layers": "all",
+                      "moe.num_experts_per_layer": (2, 4), "moe.balance_bias_rate": 0.5})
+    batch = make_batch(7)
+    model = make_model(cfg)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))
+    assert set(shapes) == {"params", BALANCE}
+    assert shapes[BALANCE]["encoder"]["layer_0"]["moe"]["expert_bias"].shape == (2,)
+    assert shapes[BALANCE]["decoder"]["layer_0"]["moe"]["expert_bias"].shape == (4,)
+    params = init_params(cfg, batch)["params"]
+    with pytest.raises(ValueError, match="moe_balance.*Fix: apply the model to the full"):
+        model.apply({"params": params}, batch)
+    # A large bias towards the last expert of every layer: every token selects it.
+    state = {BALANCE: {s: {"layer_0": {"moe": {"expert_bias": jnp.zeros(E).at[-1].set(10.0)}}}
+                       for s, E in (("encoder", 2), ("decoder", 4))}}
+    metrics = jax.jit(lambda v, b: eval_step(v, b, model=model, cfg=cfg))(
+        {"params": params, **state}, batch)
+    load = np.asarray(metrics["expert_selected_load"])  # [2 layers, 4]; layer 0 has 2 experts
+    np.testing.assert_array_equal(load, [[0, 1, np.nan, np.nan], [0, 0, 0, 1]])
+    new = update_balance_bias(state, jnp.asarray(load), cfg)
+    np.testing.assert_allclose(new[BALANCE]["encoder"]["layer_0"]["moe"]["expert_bias"],
+                               [0.5, 9.5])
+    np.testing.assert_allclose(new[BALANCE]["decoder"]["layer_0"]["moe"]["expert_bias"],
+                               [0.5, 0.5, 0.5, 9.5])

@@ -4,7 +4,10 @@ The reference (`naive_moe`) loops over groups and tokens in plain Python:
 it routes each token, keeps or drops it by capacity in priority order, runs
 the chosen expert's FFN with the stacked weights indexed per expert and
 scales by the gate. It computes the capacity with its own formula (exact
-fractions) and shares no code with switchjax.
+fractions) and shares no code with switchjax. It also runs the routing
+variants (docs/routing.md): sigmoid scores, a selection bias, no-token-left-
+behind passes, and shared experts, each computed on its own slice of the wide
+shared FFN.
 """
 from __future__ import annotations
 
@@ -66,27 +69,55 @@ def naive_capacity(S, E, cf, k, min_capacity, rounding="floor"):
     return min(max(c, min_capacity), S)
 
 
+def naive_shared(p, x_d, activation):
+    """The shared experts on one token: expert n is columns n·F..(n+1)·F of the wide
+    shared weights (F = the routed experts' width), summed."""
+    F = p["wi"].shape[-1]
+    y = 0.0
+    for n in range(p["shared_wi"].shape[1] // F):
+        cols = slice(n * F, (n + 1) * F)
+        h = _act(activation, x_d @ p["shared_wi"][:, cols])
+        if activation.startswith("gated_"):
+            h = h * (x_d @ p["shared_wi_gate"][:, cols])
+        y = y + h @ p["shared_wo"][cols]
+    return y
+
+
+def naive_scores(x_d, w_router, score):
+    logits = x_d @ w_router
+    if score == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    z = np.exp(logits - logits.max())
+    return z / z.sum()
+
+
 def naive_moe(params, x_GSD, mask_GS, *, router, k, capacity, batch_prioritized=False,
-              normalize_gates=True, activation="relu", assignments=None):
+              normalize_gates=True, activation="relu", assignments=None, score="softmax",
+              bias=None, ntlb_ranks=0, info=None):
     """Returns (y <float64>[G, S, D], reached <bool>[G, S], number of dropped assignments).
 
-    capacity None = dropless. `assignments`, if a set, collects the kept (g, s, e).
+    capacity None = dropless. `assignments`, if a set, collects the kept (g, s, e);
+    `info`, if a dict, gets 'demand' (choices per expert before capacity) and
+    'rerouted' (tokens served below their first rank). `bias`: <[E]> selection bias.
     """
     assignments = set() if assignments is None else assignments
+    info = {} if info is None else info
     p = {n: np.asarray(v, np.float64) for n, v in params.items()}
     x = np.asarray(x_GSD, np.float64)
     G, S, D = x.shape
     E = p["router"].shape[1]
+    b = np.zeros(E) if bias is None else np.asarray(bias, np.float64)
     mask = np.ones((G, S), bool) if mask_GS is None else np.asarray(mask_GS)
     y = np.zeros_like(x)
+    if "shared_wi" in p:  # on every token, like a dense FFN
+        for g in range(G):
+            for s in range(S):
+                y[g, s] += naive_shared(p, x[g, s], activation)
     reached = np.zeros((G, S), bool)
     dropped = 0
+    info["demand"], info["rerouted"] = np.zeros(E), 0
     for g in range(G):
-        probs = []
-        for s in range(S):
-            logits = x[g, s] @ p["router"]
-            z = np.exp(logits - logits.max())
-            probs.append(z / z.sum())
+        probs = [naive_scores(x[g, s], p["router"], score) for s in range(S)]
         tokens = [s for s in range(S) if mask[g, s]]
         if router == "expert_choice":
             for e in range(E):
@@ -96,17 +127,32 @@ def naive_moe(params, x_GSD, mask_GS, *, router, k, capacity, batch_prioritized=
                     reached[g, s] = True
                     assignments.add((g, s, e))
             continue
-        choices = {}  # token -> [(expert, gate)] best first, ties to the lower expert
+        choices, ranks = {}, {}  # token -> [(expert, gate)] best first; all experts ranked
         for s in tokens:
-            ranked = sorted(range(E), key=lambda e: (-probs[s][e], e))[:k]
-            gates = [probs[s][e] for e in ranked]
+            ranks[s] = sorted(range(E), key=lambda e: (-(probs[s][e] + b[e]), e))
+            gates = [probs[s][e] for e in ranks[s][:k]]
             if k > 1 and normalize_gates:
                 gates = [gt / sum(gates) for gt in gates]
-            choices[s] = list(zip(ranked, gates))
+            choices[s] = list(zip(ranks[s][:k], gates))
+            for e in ranks[s][:k]:
+                info["demand"][e] += 1
         order = tokens
-        if batch_prioritized:
-            order = sorted(tokens, key=lambda s: (-max(probs[s]), s))
+        if batch_prioritized:  # by the (unbiased) score of the first choice
+            order = sorted(tokens, key=lambda s: (-probs[s][ranks[s][0]], s))
         count = [0] * E
+        if ntlb_ranks > 1:  # pass j offers the unplaced tokens their (j+1)-th expert
+            for j in range(ntlb_ranks):
+                for s in order:
+                    e = ranks[s][j]
+                    if reached[g, s] or count[e] >= capacity:
+                        continue
+                    count[e] += 1
+                    y[g, s] += probs[s][e] * naive_expert(p, e, x[g, s], activation)
+                    reached[g, s] = True
+                    assignments.add((g, s, e))
+                    info["rerouted"] += j > 0
+            dropped += sum(not reached[g, s] for s in tokens)
+            continue
         for j in range(k):  # every first choice before any second choice (GShard)
             for s in order:
                 e, gate = choices[s][j]
@@ -120,12 +166,17 @@ def naive_moe(params, x_GSD, mask_GS, *, router, k, capacity, batch_prioritized=
     return y, reached, dropped
 
 
-def random_params(rng, D, F, E, activation, router_scale=0.7):
+def random_params(rng, D, F, E, activation, router_scale=0.7, shared=0):
     p = {"router": rng.normal(size=(D, E)) * router_scale,
          "wi": rng.normal(size=(E, D, F)) / math.sqrt(D),
          "wo": rng.normal(size=(E, F, D)) / math.sqrt(F)}
     if activation.startswith("gated_"):
         p["wi_gate"] = rng.normal(size=(E, D, F)) / math.sqrt(D)
+    if shared:
+        p["shared_wi"] = rng.normal(size=(D, shared * F)) / math.sqrt(D)
+        p["shared_wo"] = rng.normal(size=(shared * F, D)) / math.sqrt(F)
+        if activation.startswith("gated_"):
+            p["shared_wi_gate"] = rng.normal(size=(D, shared * F)) / math.sqrt(D)
     return {n: jnp.asarray(v, jnp.float32) for n, v in p.items()}
 
 
@@ -161,9 +212,9 @@ def _case_cfg(router, k, E, D, F, cf, bpr, activation, dispatch="einsum", **extr
     return make_cfg(**fields)
 
 
-def _case_inputs(seed, G, S, D, F, E, activation, with_mask):
+def _case_inputs(seed, G, S, D, F, E, activation, with_mask, shared=0):
     rng = np.random.default_rng(seed)
-    params = random_params(rng, D, F, E, activation)
+    params = random_params(rng, D, F, E, activation, shared=shared)
     x = jnp.asarray(rng.normal(size=(G, S, D)), jnp.float32)
     mask = None
     if with_mask:
@@ -197,6 +248,109 @@ def test_moe_forward_matches_naive_reference(case):
         want_dropped = (~reached & (np.ones((G, S), bool) if mask is None else np.asarray(mask))
                         ).sum() / n_real
         np.testing.assert_allclose(float(stats.dropped_fraction), want_dropped, atol=1e-6)
+
+
+# id, router, k, (G, S, E, D, F), capacity factor, BPR, padding mask, activation, fields,
+# dispatch paths (einsum and gather always agree: each case runs one of them).
+SIG, BIAS = {"moe.router_score": "sigmoid"}, {"moe.balance_bias_rate": 1e-3}
+VARIANT_CASES = [
+    ("shared-top1-mask-drop", "top1", 1, (2, 8, 4, 8, 16), 1.0, False, True, "gated_gelu",
+     {"moe.num_shared_experts": 2}, "gather,ragged"),
+    ("shared-ec", "expert_choice", 1, (2, 8, 4, 8, 16), 1.0, False, False, "relu",
+     {"moe.num_shared_experts": 1}, "einsum"),
+    ("sigmoid-top1-drop", "top1", 1, (2, 16, 4, 8, 16), 1.0, False, False, "relu", SIG,
+     "einsum"),
+    ("sigmoid-top2-bpr-mask", "topk", 2, (2, 16, 4, 8, 16), 0.75, True, True, "gated_gelu",
+     SIG, "gather"),
+    ("sigmoid-dropless-top2", "dropless", 2, (2, 8, 4, 8, 16), 1.0, False, False, "relu", SIG,
+     "ragged"),
+    ("sigmoid-ec-mask", "expert_choice", 1, (2, 16, 4, 8, 16), 1.0, False, True, "relu", SIG,
+     "gather"),
+    ("bias-top1-drop", "top1", 1, (2, 16, 4, 8, 16), 1.0, False, False, "relu", BIAS,
+     "ragged"),
+    ("bias-sigmoid-top2-mask", "topk", 2, (2, 16, 4, 8, 16), 1.0, False, True, "gated_gelu",
+     {**SIG, **BIAS}, "einsum,ragged"),
+    ("bias-dropless-top2", "dropless", 2, (2, 8, 4, 8, 16), 1.0, False, False, "relu", BIAS,
+     "ragged"),
+    ("ntlb-top1", "top1", 1, (2, 16, 4, 8, 16), 1.0, False, False, "relu",
+     {"moe.ntlb_ranks": 3}, "einsum,ragged"),
+    ("ntlb-bpr-mask-sigmoid-bias", "top1", 1, (2, 16, 4, 8, 16), 0.75, True, True,
+     "gated_gelu", {"moe.ntlb_ranks": 4, **SIG, **BIAS}, "gather"),
+    ("finegrained-top4-shared", "topk", 4, (2, 16, 16, 8, 4), 1.0, False, False, "relu",
+     {"moe.expert_d_ff": 4, "moe.num_shared_experts": 1}, "gather"),
+]
+
+
+def naive_stats(params, x, mask, score):
+    """(aux loss, confidence, entropy) from the router distribution (sigmoid scores
+    normalised to sum to 1), over real tokens; aux per group weighted by its tokens."""
+    G, S, _ = x.shape
+    E = params["router"].shape[1]
+    aux, weights, conf, ent = [], [], [], []
+    for g in range(G):
+        dist = []
+        for s in range(S):
+            if mask is None or mask[g, s]:
+                sc = naive_scores(np.asarray(x[g, s], np.float64),
+                                  np.asarray(params["router"], np.float64), score)
+                dist.append(sc / sc.sum())
+        dist = np.asarray(dist)
+        f = np.bincount(dist.argmax(-1), minlength=E) / len(dist)
+        aux.append(E * np.sum(f * dist.mean(0)))
+        weights.append(len(dist))
+        conf.extend(dist.max(-1))
+        ent.extend(-(dist * np.log(dist)).sum(-1))
+    return np.average(aux, weights=weights), np.mean(conf), np.mean(ent)
+
+
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=[c[0] for c in VARIANT_CASES])
+def test_routing_variants_match_naive_reference(case):
+    """Shared experts, sigmoid scores, the selection bias, no-token-left-behind and
+    fine-grained experts on every dispatch path that runs them, against `naive_moe`:
+    outputs, drops, re-routes, loads before and after capacity, and the router stats."""
+    name, router, k, (G, S, E, D, F), cf, bpr, with_mask, act, fields, dispatches = case
+    seed = zlib.crc32(name.encode())
+    params, x, mask = _case_inputs(seed, G, S, D, F, E, act, with_mask,
+                                   shared=fields.get("moe.num_shared_experts", 0))
+    bias = (jnp.asarray(np.random.default_rng(seed).normal(size=E) * 0.2, jnp.float32)
+            if "moe.balance_bias_rate" in fields else None)
+    score, ranks = fields.get("moe.router_score", "softmax"), fields.get("moe.ntlb_ranks", 0)
+    capacity = None if router == "dropless" else naive_capacity(
+        S, E, cf, 1 if router == "expert_choice" else k, 1)
+    info, kept = {}, set()
+    want, reached, n_dropped = naive_moe(params, x, mask, router=router, k=k, capacity=capacity,
+                                         batch_prioritized=bpr, activation=act, score=score,
+                                         bias=bias, ntlb_ranks=ranks, info=info,
+                                         assignments=kept)
+    if bias is not None:  # the bias does change the routing here
+        unbiased = set()
+        naive_moe(params, x, mask, router=router, k=k, capacity=capacity, batch_prioritized=bpr,
+                  activation=act, score=score, ntlb_ranks=ranks, assignments=unbiased)
+        assert unbiased != kept
+    if ranks:
+        assert info["rerouted"] > 0
+    if router != "dropless":
+        assert n_dropped > 0 or router == "expert_choice" or ranks
+    real = np.ones((G, S), bool) if mask is None else np.asarray(mask)
+    want_aux, want_conf, want_ent = naive_stats(params, x, real, score)
+    load = np.bincount([e for _, _, e in kept], minlength=E) / len(kept)
+    for dispatch in dispatches.split(","):
+        cfg = _case_cfg(router, k, E, D, F, cf, bpr, act, dispatch, **fields)
+        got, stats = forward(params, x, mask, cfg=cfg, train=False, rng=None, expert_bias=bias)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL, err_msg=dispatch)
+        if "moe.num_shared_experts" not in fields:
+            assert np.all(np.asarray(got)[~reached] == 0.0), dispatch
+        np.testing.assert_allclose(float(stats.dropped_fraction),
+                                   (~reached & real).sum() / real.sum(), atol=1e-6)
+        np.testing.assert_allclose(float(stats.rerouted_fraction),
+                                   info["rerouted"] / real.sum(), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(stats.expert_load), load, atol=1e-6)
+        if router != "expert_choice":  # experts choose: no demand before capacity
+            np.testing.assert_allclose(np.asarray(stats.selected_load),
+                                       info["demand"] / info["demand"].sum(), atol=1e-6)
+        np.testing.assert_allclose(float(stats.aux_loss), want_aux, rtol=1e-5)
+        np.testing.assert_allclose(float(stats.confidence), want_conf, rtol=1e-5)
+        np.testing.assert_allclose(float(stats.entropy), want_ent, rtol=1e-5)
 
 
 @pytest.mark.parametrize("router,k", [("top1", 1), ("topk", 2), ("expert_choice", 1),

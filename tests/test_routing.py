@@ -5,6 +5,7 @@ Expected tensors are written out by hand from explicit router probabilities
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -355,3 +356,103 @@ def test_expert_load_and_dropped_fraction_hand_computed():
     logits = np.array([[[4, 0, 0], [4, 0, 0], [0, 4, 0], [4, 0, 0]]], np.float32)
     st = _stats(logits, k=1, capacity=4)
     np.testing.assert_allclose(np.asarray(st.expert_load), [0.75, 0.25, 0.0], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- variants
+
+route_ntlb = jax.jit(routing.route_no_token_left_behind, static_argnums=(1, 2),
+                     static_argnames=("batch_prioritized",))
+
+
+def test_no_token_left_behind_hand_computed():
+    r = _routing_np(route_ntlb(jnp.asarray(TOP2_PROBS[None]), 3, 2))
+    # Pass 0 (first choices, token order): e0 <- t0, t1 (t3 overflows); e1 <- t2;
+    # e2 <- t4, t5. Pass 1: t3's second choice e2 is full. Pass 2: t3's third choice e1
+    # has a slot left (slot 1), gate = its probability 0.15. Nothing is dropped.
+    np.testing.assert_array_equal(r.expert_index[0, :, 0], [0, 0, 1, 1, 2, 2])
+    assert r.kept.all()
+    np.testing.assert_array_equal(r.slot_token[0], [[0, 1], [2, 3], [4, 5]])
+    np.testing.assert_allclose(r.gate[0, :, 0], [.6, .5, .7, .15, .6, .5], rtol=1e-6)
+    np.testing.assert_array_equal(r.rerouted[0], [F, F, F, T, F, F])
+    np.testing.assert_array_equal(r.demand[0], [3, 1, 2])  # first choices, before capacity
+    # Two ranks: t3 tries e0 and e2 only, both full: dropped, left at its first choice.
+    r = _routing_np(route_ntlb(jnp.asarray(TOP2_PROBS[None]), 2, 2))
+    np.testing.assert_array_equal(r.kept[0, :, 0], [T, T, T, F, T, T])
+    np.testing.assert_array_equal(r.expert_index[0, :, 0], [0, 0, 1, 0, 2, 2])
+    assert not r.rerouted.any() and r.gate[0, 3, 0] == 0.0
+
+
+@pytest.mark.parametrize("bpr,masked", [(False, False), (True, True)])
+def test_no_token_left_behind_with_one_rank_is_top1(bpr, masked):
+    probs = _random_probs(4, 3, 20, 5)
+    mask = jnp.asarray(np.random.default_rng(1).random((3, 20)) > 0.3) if masked else None
+    a = _routing_np(route_ntlb(probs, 1, 3, token_mask=mask, batch_prioritized=bpr))
+    b = _routing_np(route_top_k(probs, 1, 3, token_mask=mask, batch_prioritized=bpr))
+    for name in ("expert_index", "gate", "kept", "slot_token", "slot_gate", "demand"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert not a.rerouted.any()
+
+
+def test_no_token_left_behind_invariants():
+    """Against a per-token loop: each pass offers the unplaced tokens their next expert
+    in priority order; no expert exceeds C; a token is dropped only if all its ranks
+    were full when its turn came."""
+    G, S, E, C, R = 3, 24, 6, 3, 4
+    probs = np.asarray(_random_probs(7, G, S, E))
+    mask = np.random.default_rng(2).random((G, S)) > 0.2
+    for bpr in (False, True):
+        r = _routing_np(route_ntlb(jnp.asarray(probs), R, C, token_mask=jnp.asarray(mask),
+                                   batch_prioritized=bpr))
+        for g in range(G):
+            ranked = np.argsort(-probs[g], axis=-1, kind="stable")
+            tokens = [s for s in range(S) if mask[g, s]]
+            if bpr:
+                tokens.sort(key=lambda s: (-probs[g, s].max(), s))
+            count, where, rank = np.zeros(E, int), {}, {}
+            for j in range(R):
+                for s in tokens:
+                    e = ranked[s, j]
+                    if s not in where and count[e] < C:
+                        where[s], rank[s] = (e, count[e]), j
+                        count[e] += 1
+            for s in range(S):
+                assert r.kept[g, s, 0] == (s in where)
+                if s in where:
+                    e, slot = where[s]
+                    assert r.expert_index[g, s, 0] == e and r.slot_token[g, e, slot] == s
+                    np.testing.assert_allclose(r.gate[g, s, 0], probs[g, s, e], rtol=1e-6)
+                    assert r.rerouted[g, s] == (rank[s] > 0)
+            assert (r.slot_token[g] < S).sum() == len(where)
+
+
+def test_selection_bias_chooses_experts_but_not_gates_hand_computed():
+    bias = jnp.asarray([-0.25, 0.0, 0.3])
+    # Biased scores (probs + bias): t0 (.35, .3, .4) -> e2; t1 (.25, .1, .7) -> e2;
+    # t2 (-.05, .7, .4) -> e1; t3 (.2, .15, .7) -> e2; t4 -> e2; t5 (.05, .2, .8) -> e2.
+    # The gates are the unbiased probabilities of the chosen experts.
+    r = _routing_np(jax.jit(functools.partial(routing.route_top_k, k=1, capacity=None))(
+        jnp.asarray(TOP2_PROBS[None]), selection_bias=bias))
+    np.testing.assert_array_equal(r.expert_index[0, :, 0], [2, 2, 1, 2, 2, 2])
+    np.testing.assert_allclose(r.gate[0, :, 0], [.1, .4, .7, .4, .6, .5], rtol=1e-6)
+    # Capacity 2: e2 keeps t0, t1 and drops t3, t4, t5; the demand counts all five.
+    r = _routing_np(jax.jit(functools.partial(routing.route_top_k, k=1, capacity=2))(
+        jnp.asarray(TOP2_PROBS[None]), selection_bias=bias))
+    np.testing.assert_array_equal(r.kept[0, :, 0], [T, T, T, F, F, F])
+    np.testing.assert_array_equal(r.demand[0], [0, 1, 5])
+    st = router_stats(jnp.log(jnp.asarray(TOP2_PROBS[None])), jnp.asarray(TOP2_PROBS[None]),
+                      jax.tree.map(jnp.asarray, r))
+    np.testing.assert_allclose(np.asarray(st.selected_load), [0, 1 / 6, 5 / 6], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(st.expert_load), [0, 1 / 3, 2 / 3], rtol=1e-6)
+    np.testing.assert_allclose(float(st.dropped_fraction), 0.5, rtol=1e-6)
+
+
+def test_balance_bias_update_hand_computed():
+    bias = jnp.asarray([0.0, 0.5, -0.5, 0.0])
+    load = jnp.asarray([0.4, 0.1, 0.25, 0.25])  # mean 0.25: e0 over, e1 under, e2/e3 at it
+    got = routing.balance_bias_update(bias, load, 0.01)
+    np.testing.assert_allclose(np.asarray(got), [-0.01, 0.51, -0.5, 0.0], rtol=1e-6)
+    # Repeated steps against a fixed skew move the biases apart linearly, by rate each.
+    b = bias
+    for _ in range(3):
+        b = routing.balance_bias_update(b, load, 0.01)
+    np.testing.assert_allclose(np.asarray(b - bias), [-0.03, 0.03, 0, 0], atol=1e-7)

@@ -37,6 +37,7 @@ from switchjax import kernels
 from switchjax import sharding as sh
 from switchjax.config import ConfigError, ModelConfig, model_config_dict
 from switchjax.models import make_model
+from switchjax.moe import BALANCE
 from switchjax.train import state as state_lib
 from switchjax.train import step as step_lib
 
@@ -49,11 +50,21 @@ B, LI, LT = 8, 8, 8  # batch, inputs length, targets length
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+# Routing variants (docs/routing.md) named in a router spec as "+name".
+VARIANTS = {"shared": {"moe.num_shared_experts": 2}, "sigmoid": {"moe.router_score": "sigmoid"},
+            "bias": {"moe.balance_bias_rate": 1e-3}, "ntlb": {"moe.ntlb_ranks": 4},
+            "fine": {"moe.expert_d_ff": 16}}
+STRUCTURAL = ("shared", "pyramid", "fine")  # variants that change the parameters
+
+
 def make_cfg(family="encoder_decoder", router="top1", **overrides) -> ModelConfig:
     """Encoder-decoder: 1 sparse encoder layer + 1 sparse decoder layer (2 MoE layers).
-    Decoder-only: a dense and a sparse layer. 8 experts, capacity factor 1 (tokens drop)."""
+    Decoder-only: a dense and a sparse layer. 8 experts, capacity factor 1 (tokens drop).
+    `router`: e.g. "top1", "top1:gather@xla", "topk+sigmoid+bias" (VARIANTS; "+pyramid":
+    4 experts in the first MoE layer and 8 in the second)."""
     router, _, kernel = router.partition("@")  # e.g. "top1:gather@xla"
     router, _, dispatch = router.partition(":")
+    router, *variants = router.split("+")
     fields = {"model.family": family, "model.vocab_size": 64, "model.d_model": 16,
               "model.d_ff": 32, "model.num_heads": 4, "model.head_dim": 4,
               "model.num_encoder_layers": 1, "model.num_decoder_layers": 2,
@@ -68,6 +79,9 @@ def make_cfg(family="encoder_decoder", router="top1", **overrides) -> ModelConfi
         fields["model.decoder_moe_layers"] = "all"
     if router == "expert_choice":  # not causal: encoder MoE only
         fields["model.decoder_moe_layers"] = "none"
+    for variant in variants:
+        fields.update(VARIANTS.get(variant) or {"moe.num_experts_per_layer": (
+            (4, 8) if family == "encoder_decoder" else (4,))})
     fields.update(overrides)
     model, moe = model_config_dict(**fields)
     return ModelConfig.from_config(ml_collections.ConfigDict({"model": model, "moe": moe}))
@@ -104,41 +118,55 @@ def count_all_to_all(hlo_text: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def init_params(family, expert_choice: bool):
-    """Host copies of initial params; top1, topk and dropless share the same tree."""
-    model = make_model(make_cfg(family, "expert_choice" if expert_choice else "top1"))
+def init_params(family, router: str):
+    """Host copies of initial params; top1, topk and dropless share the same tree (of the
+    same structural variants)."""
+    model = make_model(make_cfg(family, router))
     batch = make_batch(model.config)
     params = jax.jit(lambda r: nn.meta.unbox(model.init({"params": r}, batch)["params"]),
                      compiler_options=FAST)(jax.random.key(0))
     return jax.tree.map(np.asarray, params)
 
 
+def random_model_state(model, batch, seed=3) -> dict:
+    """The model's non-parameter variables with random selection biases (N(0, 0.1²)),
+    so that a balance bias changes the routing."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))
+    rng = np.random.default_rng(seed)
+    return {k: jax.tree.map(lambda a: np.asarray(rng.normal(size=a.shape) * 0.1, a.dtype), v)
+            for k, v in shapes.items() if k != "params"}
+
+
 def setup(family, router):
-    """Model, batch and the initial params (shared by all meshes)."""
+    """Model, batch, the initial params and model state (shared by all meshes)."""
     cfg = make_cfg(family, router)
-    return cfg, make_model(cfg), make_batch(cfg), init_params(family, router == "expert_choice")
+    base, *variants = router.split(":")[0].split("@")[0].split("+")
+    key = "+".join(["expert_choice" if base == "expert_choice" else "top1"]
+                   + [v for v in variants if v in STRUCTURAL])
+    model, batch = make_model(cfg), make_batch(cfg)
+    return cfg, model, batch, init_params(family, key), random_model_state(model, batch)
 
 
 @functools.lru_cache(maxsize=None)
 def loss_and_grads(family, router, shape):
     """(loss, metrics, grads, all-to-all count) of a jitted value_and_grad on `shape`."""
-    cfg, model, batch, params = setup(family, router)
+    cfg, model, batch, params, model_state = setup(family, router)
     mesh, rules = mesh_for(shape)
     _, shardings = state_lib.state_shardings(model, optax.sgd(1.0), shapes_of(batch), mesh, rules)
     grad_fn = jax.value_and_grad(
         functools.partial(step_lib._loss_fn, model=model, cfg=cfg, train=True), has_aux=True)
 
-    def fn(p, b, r):
+    def fn(p, s, b, r):
         with nn.logical_axis_rules(rules):
-            return grad_fn(p, b, r)
+            return grad_fn(p, s, b, r)
 
     replicated = NamedSharding(mesh, P())
     placed = jax.device_put(params, shardings.params)
     with jax.set_mesh(mesh):
-        compiled = jax.jit(fn, in_shardings=(shardings.params, sh.batch_sharding(mesh),
-                                             replicated)).lower(placed, batch,
-                                                                jax.random.key(1)).compile(FAST)
-        (loss, metrics), grads = compiled(placed, batch, jax.random.key(1))
+        compiled = jax.jit(fn, in_shardings=(shardings.params, shardings.model_state,
+                                             sh.batch_sharding(mesh), replicated)).lower(
+            placed, model_state, batch, jax.random.key(1)).compile(FAST)
+        (loss, metrics), grads = compiled(placed, model_state, batch, jax.random.key(1))
     return (float(loss), jax.tree.map(np.asarray, metrics), jax.tree.map(np.asarray, grads),
             count_all_to_all(compiled.as_text()))
 
@@ -146,7 +174,7 @@ def loss_and_grads(family, router, shape):
 @functools.lru_cache(maxsize=None)
 def created_state(family, shape, optimizer):
     """`create_train_state` of the top-1 model (shared by tests; never donated)."""
-    cfg, model, batch, _ = setup(family, "top1")
+    cfg, model, batch, _, _ = setup(family, "top1")
     mesh, rules = mesh_for(shape)
     tx = {"sgd": lambda: optax.sgd(1.0), "adamw": lambda: optax.adamw(1e-3),
           "adafactor": lambda: optax.adafactor(1e-2, min_dim_size_to_factor=8)}[optimizer]()
@@ -170,7 +198,8 @@ def assert_same(family, router, shape, ref_router=None):
     assert errs[worst] <= GRAD_RTOL, worst
     np.testing.assert_allclose(metrics["dropped_fraction"], ref_metrics["dropped_fraction"],
                                atol=1e-6)
-    np.testing.assert_allclose(metrics["expert_load"], ref_metrics["expert_load"], atol=1e-6)
+    for key in ("expert_load", "expert_selected_load", "rerouted_fraction"):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], atol=1e-6, err_msg=key)
     return metrics
 
 
@@ -202,6 +231,51 @@ def test_other_routers_same_loss_and_grads(family, router, shape):
         "topk:ragged@xla": "topk", "top1:gather@xla": "top1"}.get(router))
     if router == "dropless":
         assert float(metrics["dropped_fraction"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,router,shape", [
+    ("encoder_decoder", "top1+shared+pyramid+ntlb:gather", (2, 4, 1)),
+    ("decoder_only", "topk+sigmoid+bias", (2, 2, 2)),
+    ("decoder_only", "dropless+shared+bias+fine", (2, 2, 2))],  # ragged, psum over 'model'
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+def test_routing_variants_same_loss_and_grads(family, router, shape):
+    """Shared experts, per-layer expert counts, no-token-left-behind, sigmoid scores, a
+    (random) balance bias and fine-grained experts give the one-device result."""
+    metrics = assert_same(family, router, shape)
+    if "ntlb" in router:
+        assert float(metrics["rerouted_fraction"]) > 0
+    if "pyramid" in router:  # 4 then 8 experts: the first layer's loads end in NaN
+        assert np.isnan(metrics["expert_load"][0, 4:]).all()
+        assert np.isfinite(metrics["expert_load"][1]).all()
+
+
+@pytest.mark.slow
+def test_balance_bias_steps_after_the_update_on_a_mesh():
+    """A train step on (2, 2, 2) moves every layer's selection bias by
+    rate·sign(mean load - load) of the step's selected load (the one-device load); the
+    bias stays replicated and outside the gradient (SGD leaves it to the rule)."""
+    family, router = "decoder_only", "topk+sigmoid+bias"
+    cfg, model, batch, params, model_state = setup(family, router)
+    mesh, rules = mesh_for((2, 2, 2))
+    tx = optax.sgd(1.0)
+    _, shardings = state_lib.state_shardings(model, tx, shapes_of(batch), mesh, rules)
+    state = jax.device_put(state_lib.TrainState(step=np.int32(0), params=params,
+                                                opt_state=tx.init(params),
+                                                model_state=model_state), shardings)
+    step = step_lib.jit_train_step(model, cfg, tx, shardings, mesh, rules)
+    with jax.set_mesh(mesh):
+        new, metrics = step.lower(state, batch, jax.random.key(1)).compile(FAST)(
+            state, batch, jax.random.key(1))
+    load = np.asarray(metrics["expert_selected_load"])  # [1 MoE layer, 8]
+    np.testing.assert_allclose(load, loss_and_grads(family, router, (1, 1, 1))[1][
+        "expert_selected_load"], atol=1e-6)
+    path = (BALANCE, "decoder", "layer_1", "moe", "expert_bias")
+    before, after = flatten_dict(model_state)[path], flatten_dict(new.model_state)[path]
+    direction = np.sign(load[0].mean() - load[0])
+    assert (direction != 0).any()
+    np.testing.assert_allclose(np.asarray(after), before + 1e-3 * direction, rtol=0, atol=1e-7)
+    assert after.sharding.is_fully_replicated
 
 
 # ----------------------------------------------------------------------------- expert parallelism
@@ -364,6 +438,10 @@ def test_mesh_and_config_errors_name_the_field_and_fix():
         ({"model.vocab_size": 65}, 8, "model.vocab_size=65 is not divisible by mesh.model=2"),
         ({}, 6, r"train.batch_size=6 is not divisible by mesh.data x mesh.expert = 4"),
         ({"moe.group_size": 32}, 8, r"moe.group_size=32: the 8x8 tokens"),
+        ({"moe.num_experts_per_layer": (6,)}, 8,
+         r"moe.num_experts_per_layer=\(6,\): not every layer's experts are divisible by "
+         r"mesh.expert=4"),
+        ({"moe.expert_d_ff": 33}, 8, "moe.expert_d_ff=33 is not divisible by mesh.model=2"),
     ]
     for overrides, batch_size, pattern in cases:
         with pytest.raises(ConfigError, match=pattern + r".*Fix"):
@@ -391,7 +469,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     (capacity factor 1 drops here). The odd rows (microbatch 2) end in padding, so the
     microbatches have different token counts: equal weights would be wrong.
     """
-    cfg, model, batch, before = setup("decoder_only", "top1")
+    cfg, model, batch, before, _ = setup("decoder_only", "top1")
     assert cfg.moe.group_size == 0
     batch = {k: v.copy() for k, v in batch.items()}
     for v in batch.values():

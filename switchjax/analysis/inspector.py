@@ -24,10 +24,12 @@ class LayerRouting:
     """Routing of one MoE layer over a batch; arrays are <[B, L]>.
 
     token: the token id at each position of this layer's stack.
-    expert: first-choice expert (argmax of the router).
+    expert: first-choice expert (the router's top expert, after any selection bias; with
+      no-token-left-behind the expert the token landed on; expert choice: the argmax).
     reached: whether the token reached at least one expert (False = dropped).
-    gate: the router's top probability (confidence).
+    gate: the router's top score (confidence).
     valid: False for padding.
+    num_experts: E of this layer.
     """
 
     name: str
@@ -36,39 +38,49 @@ class LayerRouting:
     reached: np.ndarray
     gate: np.ndarray
     valid: np.ndarray
+    num_experts: int = 0
 
 
-def capture_routing(cfg: ModelConfig, params, batch: dict) -> list[LayerRouting]:
-    """Runs `batch` through the model and returns every MoE layer's routing."""
+def capture_routing(cfg: ModelConfig, params, batch: dict,
+                    model_state: Optional[dict] = None) -> list[LayerRouting]:
+    """Runs `batch` through the model and returns every MoE layer's routing.
+
+    `model_state`: the run's non-parameter variables (`TrainState.model_state`: the
+    selection biases of aux-loss-free balancing), needed when the model has them.
+    """
     model = make_model(cfg)
     records = []
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         if isinstance(context.module, moe_lib.MoeLayer) and context.method_name == "__call__":
+            variables = context.module.variables
+            bias = variables.get(moe_lib.BALANCE, {}).get("expert_bias")
             records.append((context.module.scope.path, np.asarray(args[0]),
-                            kwargs.get("token_mask_BL"),
-                            nn.meta.unbox(context.module.variables["params"])))
+                            kwargs.get("token_mask_BL"), nn.meta.unbox(variables["params"]),
+                            None if bias is None else np.asarray(bias)))
         return out
 
     with nn.intercept_methods(interceptor):
-        model.apply({"params": params}, batch, train=False)
+        model.apply({"params": params, **(model_state or {})}, batch, train=False)
 
     layers = []
-    for path, x_BLD, mask_BL, layer_params in records:
+    for path, x_BLD, mask_BL, layer_params, bias in records:
         stack = path[-3] if len(path) >= 3 else path[0]
         tokens = batch["encoder_input_tokens" if stack == "encoder" else "decoder_input_tokens"]
         B, L, D = x_BLD.shape
         S = cfg.moe.group_size or L
         mask_GS = None if mask_BL is None else np.asarray(mask_BL).reshape(-1, S)
         _, probs = moe_lib.router_probs(layer_params["router"], x_BLD.reshape(-1, S, D), cfg, None)
-        routing = moe_lib.route(probs, cfg, False, mask_GS, None)
+        routing = moe_lib.route(probs, cfg, False, mask_GS, None, bias)
         valid = np.ones((B, L), bool) if mask_BL is None else np.asarray(mask_BL)
+        first = routing.expert_index[..., 0] if cfg.moe.token_choice else probs.argmax(-1)
         layers.append(LayerRouting(
             name="/".join(path[-3:-1]), token=np.asarray(tokens),
-            expert=np.asarray(probs.argmax(-1)).reshape(B, L),
+            expert=np.asarray(first).reshape(B, L),
             reached=np.asarray(routing.kept.any(-1)).reshape(B, L) & valid,
-            gate=np.asarray(probs.max(-1)).reshape(B, L), valid=valid))
+            gate=np.asarray(probs.max(-1)).reshape(B, L), valid=valid,
+            num_experts=int(layer_params["router"].shape[-1])))
     return layers
 
 
@@ -77,7 +89,7 @@ def expert_table(layer: LayerRouting, num_experts: int, token_str: Callable[[int
     """Per expert: tokens routed there (first choice), share, dropped, top tokens, contexts."""
     rows = []
     n_valid = max(int(layer.valid.sum()), 1)
-    for e in range(num_experts):
+    for e in range(min(num_experts, layer.num_experts or num_experts)):
         sel = (layer.expert == e) & layer.valid
         positions = np.argwhere(sel)
         counts = collections.Counter(int(layer.token[b, i]) for b, i in positions)

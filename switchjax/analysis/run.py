@@ -2,7 +2,7 @@
 
     run = load_trained(workdir)                       # newest checkpoint
     batch = text_batch(run.cfg, run.tokenizer, "def f(x):\\n    return x")
-    layers = inspector.capture_routing(run.cfg, run.params, batch)
+    layers = inspector.capture_routing(run.cfg, run.params, batch, run.model_state)
     print(inspector.format_report(layers, run.cfg.moe.num_experts, run.token_str))
 """
 from __future__ import annotations
@@ -22,13 +22,15 @@ CONFIG = "config.json"
 
 @dataclasses.dataclass
 class TrainedRun:
-    """A run directory's config (`config`, `cfg`), params at `step`, and tokenizer."""
+    """A run directory's config (`config`, `cfg`), params and model state (selection
+    biases, if any) at `step`, and tokenizer."""
 
     config: ml_collections.ConfigDict
     cfg: ModelConfig
     params: Any
     step: int
     tokenizer: Any
+    model_state: dict = dataclasses.field(default_factory=dict)
 
     def token_str(self, token: int) -> str:
         """A token id as its SentencePiece piece ('▁' = space, newline/tab: ↵/⇥); 0 = '<bos>'."""
@@ -52,6 +54,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     with config.ignore_type():
         config.data.files = tuple(config.data.files)
         config.mesh.rules = tuple(config.mesh.rules)
+        if "num_experts_per_layer" in config.moe:
+            config.moe.num_experts_per_layer = tuple(config.moe.num_experts_per_layer)
     return config
 
 
@@ -63,7 +67,8 @@ def load_trained(workdir: str, step: Optional[int] = None) -> TrainedRun:
     config = load_config(workdir)
     state, step = read_state(workdir, step)
     return TrainedRun(config=config, cfg=ModelConfig.from_config(config),
-                      params=state["params"], step=step, tokenizer=make_tokenizer(config.data))
+                      params=state["params"], step=step, tokenizer=make_tokenizer(config.data),
+                      model_state=state.get("model_state") or {})
 
 
 def text_batch(cfg: ModelConfig, tokenizer, text: str) -> dict:

@@ -19,6 +19,7 @@ All processes call every method (Orbax coordinates multi-host writes).
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -105,11 +106,15 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """The state of `step` restored into `abstract_state`'s shardings; sets the iterator."""
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        target = _restore_target(os.path.join(self.directory, str(step), "state"),
+                                 abstract_state)
+        args = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return restored["state"]
+        if target is abstract_state:
+            return restored["state"]
+        return abstract_state.replace(**restored["state"])
 
     def restore_latest(self, abstract_state, data_iterator=None) -> tuple[Optional[Any], int]:
         """(state, step) of the newest readable checkpoint, or (None, 0) if there is none.
@@ -162,6 +167,22 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _restore_target(path: str, abstract_state):
+    """`abstract_state`, or, for a checkpoint written before the train state held
+    `model_state` and a state whose `model_state` is empty, its other fields as a dict."""
+    if getattr(abstract_state, "model_state", None) != {}:
+        return abstract_state
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            saved = checkpointer.metadata(path).item_metadata.tree
+    except Exception:  # noqa: BLE001 - restore reports unreadable steps
+        return abstract_state
+    if "model_state" in saved:
+        return abstract_state
+    return {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+            if f.name != "model_state"}
 
 
 def read_state(workdir: str, step: Optional[int] = None) -> tuple[Any, int]:

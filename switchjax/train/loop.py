@@ -103,8 +103,7 @@ def _validate_devices(cfg: ModelConfig, config, mesh, rules) -> None:
 
 def moe_layer_names(cfg: ModelConfig) -> list[tuple[str, int]]:
     """(stack, layer index) of each MoE layer, in the order of the stats arrays."""
-    stacks = (["encoder"] if cfg.family == "encoder_decoder" else []) + ["decoder"]
-    return [(s, i) for s in stacks for i in cfg.moe_layer_indices(s)]
+    return list(cfg.moe_layers())
 
 
 def first_non_finite(m: dict, cfg: ModelConfig) -> list[str]:
@@ -282,8 +281,8 @@ class _Training:
         t = run.config.train
         self.train_step = jit_train_step(run.model, run.cfg, run.tx, run.shardings, run.mesh,
                                          run.rules, t.accum_steps)
-        self.eval_step = jit_eval_step(run.model, run.cfg, run.shardings.params, run.mesh,
-                                       run.rules)
+        self.eval_step = jit_eval_step(run.model, run.cfg, run.shardings.variables(),
+                                       run.mesh, run.rules)
         self.writer = metrics_lib.MetricWriter(run.workdir, enabled=run.is_chief,
                                                purge_step=start_step + 1 if start_step else None)
         self.progress = metrics_lib.Progress(start_step, t.num_train_steps, run.tokens_per_step)
@@ -352,7 +351,7 @@ class _Training:
         records, weights = [], []
         for _ in range(run.config.train.eval_steps):
             batch = sharding_lib.host_local_to_global(next(run.eval_iter), run.mesh)
-            m = jax.device_get(self.eval_step(state.params, batch))
+            m = jax.device_get(self.eval_step(state.variables(), batch))
             records.append(m)
             weights.append(m["num_tokens"])
         result = _mean(records, weights)

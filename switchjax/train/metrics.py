@@ -6,11 +6,12 @@ holds one JSON object per logged step and split:
     {"step": 100, "split": "train", "task_loss": 4.1, ..., "expert_load": [[...], ...]}
 
 Scalars are floats; per-layer arrays (`aux_loss_per_layer`,
-`router_z_loss_per_layer` [num_moe_layers]) and per-expert load
-(`expert_load` [num_moe_layers][E]) are nested lists. TensorBoard gets the
-scalars as `<split>/<name>`, per-layer values as `<split>/<name>/layer_<i>`,
-and per-layer expert load as a histogram plus its max/mean ratio
-(`<split>/expert_load_max_over_mean/layer_<i>`, 1.0 = perfectly balanced).
+`router_z_loss_per_layer` [num_moe_layers]) and per-expert loads
+(`expert_load`, kept, and `expert_selected_load`, chosen before capacity
+[num_moe_layers][E]; NaN past the E of a layer with fewer experts) are nested
+lists. TensorBoard gets the scalars as `<split>/<name>`, per-layer values as
+`<split>/<name>/layer_<i>`, and each per-layer load as a histogram plus its
+max/mean ratio (`<split>/<name>_max_over_mean/layer_<i>`, 1.0 = balanced).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 JSONL = "metrics.jsonl"
+LOADS = ("expert_load", "expert_selected_load")  # [num_moe_layers][E] per-expert shares
 
 
 def to_python(metrics: Mapping[str, Any]) -> dict:
@@ -65,11 +67,12 @@ class MetricWriter:
         for name, value in values.items():
             if not isinstance(value, list):
                 self._tb.add_scalar(f"{split}/{name}", value, step)
-            elif name == "expert_load":
+            elif name in LOADS:
                 for i, load in enumerate(value):
                     load = np.asarray(load)
-                    self._tb.add_histogram(f"{split}/expert_load/layer_{i}", load, step)
-                    self._tb.add_scalar(f"{split}/expert_load_max_over_mean/layer_{i}",
+                    load = load[np.isfinite(load)]  # the layer's own experts
+                    self._tb.add_histogram(f"{split}/{name}/layer_{i}", load, step)
+                    self._tb.add_scalar(f"{split}/{name}_max_over_mean/layer_{i}",
                                         float(load.max() / max(load.mean(), 1e-12)), step)
             else:
                 for i, v in enumerate(np.ravel(value)):

@@ -1,4 +1,9 @@
-"""Train state, created already sharded: abstract shapes -> shardings -> jitted init."""
+"""Train state, created already sharded: abstract shapes -> shardings -> jitted init.
+
+The state holds the parameters, the optimizer state and the model's non-parameter
+variable collections (`model_state`, e.g. the aux-loss-free selection biases of
+`moe.BALANCE`: outside the gradient, replicated, saved in checkpoints).
+"""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -18,6 +23,11 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt_state: Any
+    model_state: Any = flax.struct.field(default_factory=dict)  # {collection: tree}, no params
+
+    def variables(self) -> dict:
+        """The model's full variables {'params': ..., <collection>: ...} for `model.apply`."""
+        return {"params": self.params, **self.model_state}
 
 
 def dummy_batch(cfg, batch_size: int, inputs_length: int, targets_length: int) -> dict:
@@ -32,12 +42,18 @@ def dummy_batch(cfg, batch_size: int, inputs_length: int, targets_length: int) -
     return batch
 
 
-def abstract_params(model: nn.Module, batch_shapes: dict):
-    """Boxed (logically named) ShapeDtypeStructs of the params; allocates nothing."""
+def abstract_variables(model: nn.Module, batch_shapes: dict) -> dict:
+    """Boxed (logically named) ShapeDtypeStructs of all the model's variables (params and
+    any other collections); allocates nothing."""
     init_batch = {k: jnp.ones(v.shape, v.dtype) for k, v in batch_shapes.items()}
     return jax.eval_shape(
         lambda rng: model.init({"params": rng, "dropout": rng}, init_batch, train=False),
-        jax.random.key(0))["params"]
+        jax.random.key(0))
+
+
+def abstract_params(model: nn.Module, batch_shapes: dict):
+    """Boxed (logically named) ShapeDtypeStructs of the params; allocates nothing."""
+    return abstract_variables(model, batch_shapes)["params"]
 
 
 def opt_state_shardings(opt_abstract, params, param_shardings, mesh: Mesh):
@@ -81,12 +97,15 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, batch_sh
 
     Param shardings come from the logical axis names; optimizer-state shardings
     follow the params (`opt_state_shardings`): moments take their parameter's
-    sharding, factored Adafactor statistics that of the dims they keep.
+    sharding, factored Adafactor statistics that of the dims they keep; the model
+    state (non-parameter collections) is replicated.
     Raises ConfigError first if a sharded dimension does not divide over the mesh.
     """
     if isinstance(getattr(model, "config", None), ModelConfig):
         sharding_lib.validate_mesh(model.config, mesh, rules=rules)
-    boxed = abstract_params(model, batch_shapes)
+    variables = abstract_variables(model, batch_shapes)
+    boxed = variables["params"]
+    model_state = nn.meta.unbox({k: v for k, v in variables.items() if k != "params"})
     param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
     params = nn.meta.unbox(boxed)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -95,9 +114,10 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, batch_sh
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings = TrainState(step=replicated, params=param_shardings,
                            opt_state=opt_state_shardings(opt_abstract, params, param_shardings,
-                                                         mesh))
+                                                         mesh),
+                           model_state=jax.tree.map(lambda _: replicated, model_state))
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                          opt_state=opt_abstract)
+                          opt_state=opt_abstract, model_state=model_state)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     return abstract, shardings
@@ -116,9 +136,11 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, batch
 
     def init(rng):
         with nn.logical_axis_rules(rules):
-            params = nn.meta.unbox(model.init({"params": rng, "dropout": rng}, init_batch,
-                                              train=False)["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+            variables = nn.meta.unbox(model.init({"params": rng, "dropout": rng}, init_batch,
+                                                 train=False))
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          model_state={k: v for k, v in variables.items() if k != "params"})
 
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings, compiler_options=compiler_options)(
