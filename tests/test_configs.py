@@ -20,7 +20,8 @@ ARGS = {
     "t5_base": ["", "smoke"], "switch_base": ["", "large", "c", "finetune", "smoke"],
     "st_moe": ["", "smoke"], "decoder_moe": ["", "all", "smoke"],
     **{f"ablate_{n}": ["", "smoke"] for n in ("capacity", "experts", "router", "aux", "zloss",
-                                              "precision", "init", "jitter")},
+                                              "precision", "init", "jitter", "shared",
+                                              "balance", "sigmoid", "ntlb", "finegrained")},
 }
 PAPER_FULL = {("t5_base", ""), ("switch_base", ""), ("switch_base", "large"),
               ("switch_base", "c"), ("switch_base", "finetune"), ("st_moe", ""),

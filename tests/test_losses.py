@@ -80,11 +80,14 @@ def test_cross_entropy_gradient_is_softmax_minus_onehot():
 
 def _stats(n_layers, E, seed):
     rng = np.random.default_rng(seed)
-    load = rng.random((n_layers, E))
+    load, demand = rng.random((n_layers, E)), rng.random((n_layers, E))
     return RouterStats(aux_loss=jnp.asarray(1 + rng.random(n_layers), jnp.float32),
                        z_loss=jnp.asarray(rng.random(n_layers) * 5, jnp.float32),
                        dropped_fraction=jnp.asarray(rng.random(n_layers) * 0.2, jnp.float32),
                        expert_load=jnp.asarray(load / load.sum(-1, keepdims=True), jnp.float32),
+                       selected_load=jnp.asarray(demand / demand.sum(-1, keepdims=True),
+                                                 jnp.float32),
+                       rerouted_fraction=jnp.asarray(rng.random(n_layers) * 0.1, jnp.float32),
                        confidence=jnp.asarray(rng.random(n_layers), jnp.float32),
                        entropy=jnp.asarray(rng.random(n_layers), jnp.float32))
 
@@ -110,7 +113,10 @@ def test_total_loss_adds_weighted_router_losses():
     np.testing.assert_allclose(float(metrics["router_z_loss"]), z.sum(), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["dropped_fraction"]),
                                np.asarray(stats.dropped_fraction).mean(), rtol=1e-6)
-    assert metrics["expert_load"].shape == (3, 8)
+    assert metrics["expert_load"].shape == metrics["expert_selected_load"].shape == (3, 8)
+    np.testing.assert_array_equal(metrics["expert_selected_load"], stats.selected_load)
+    np.testing.assert_allclose(float(metrics["rerouted_fraction"]),
+                               np.asarray(stats.rerouted_fraction).mean(), rtol=1e-6)
     # Coefficients are read from the config: zero coefficients leave the task loss.
     cfg0 = build(**{"moe.aux_loss_coef": 0.0, "moe.z_loss_coef": 0.0})
     loss0, _ = losses.total_loss(logits, stats, batch, cfg0)

@@ -45,6 +45,7 @@ def test_two_variant_two_seed_sweep_writes_report_and_skips_finished(tmp_path):
         for key in ("flops_per_token", "train_loss", "eval_loss", "eval_loss_sem",
                     "train_dropped_fraction", "tokens_per_sec", "wall_time_sec"):
             assert float(r[key]) >= 0, key
+        assert float(r["eval_load_max_over_mean"]) >= 1.0
     losses = {v: [float(r["eval_loss"]) for r in rows if r["variant"] == v] for v in variants}
     assert losses[variants[0]][0] != losses[variants[0]][1]  # the seeds differ
     md = open(os.path.join(workdir, "results.md")).read()
@@ -157,3 +158,16 @@ def test_eval_sampling_error():
     assert loop._weighted_sem(v, [10, 10, 10, 10]) == pytest.approx(
         np.std(v, ddof=1) / np.sqrt(len(v)))
     assert loop._weighted_sem([4.0], [7]) == 0.0
+
+
+def test_load_max_over_mean_from_the_last_eval_record():
+    """Per layer max/mean of the selected load (NaN past a layer's own experts), averaged."""
+    records = [{"split": "eval", "expert_load": [[0.5, 0.5]]},
+               {"split": "train", "expert_load": [[1.0, 0.0]]},
+               {"split": "eval", "expert_load": [[0.5, 0.5, 0, 0], [0.25] * 4],
+                "expert_selected_load": [[0.75, 0.25, float("nan"), float("nan")],
+                                         [0.4, 0.2, 0.2, 0.2]]}]
+    # Layer 0 (2 experts): 0.75 / 0.5 = 1.5; layer 1: 0.4 / 0.25 = 1.6.
+    assert report.load_max_over_mean(records) == pytest.approx(1.55)
+    assert report.load_max_over_mean(records[:2]) == pytest.approx(1.0)  # expert_load
+    assert np.isnan(report.load_max_over_mean([{"split": "eval", "task_loss": 1.0}]))

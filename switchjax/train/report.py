@@ -28,12 +28,13 @@ FAILED = "FAILED"
 OVERRIDES = "overrides.json"
 COLUMNS = ("variant", "seed", "status", "params_total", "params_active", "flops_per_token",
            "train_loss", "eval_loss", "eval_loss_sem", "eval_accuracy",
-           "train_dropped_fraction", "eval_dropped_fraction", "tokens_per_sec",
-           "wall_time_sec")
+           "train_dropped_fraction", "eval_dropped_fraction", "eval_load_max_over_mean",
+           "tokens_per_sec", "wall_time_sec")
 # Columns averaged over seeds in the summary, with their markdown headers.
 SUMMARY = (("eval_loss", "eval loss"), ("train_loss", "train loss"),
            ("eval_accuracy", "eval acc"), ("train_dropped_fraction", "dropped (train)"),
-           ("eval_dropped_fraction", "dropped (eval)"), ("tokens_per_sec", "tokens/s"),
+           ("eval_dropped_fraction", "dropped (eval)"),
+           ("eval_load_max_over_mean", "load max/mean (eval)"), ("tokens_per_sec", "tokens/s"),
            ("wall_time_sec", "wall s"))
 
 
@@ -66,6 +67,22 @@ def load_run(workdir: str, name: Optional[str] = None) -> dict:
             "failed": failed, "records": read_jsonl(os.path.join(workdir, JSONL))}
 
 
+def load_max_over_mean(records: list[dict], split: str = "eval") -> float:
+    """The last `split` record's per-expert load imbalance: max over mean of each MoE
+    layer's shares of the token-expert choices (`expert_selected_load`, before capacity;
+    `expert_load` in runs without it), averaged over layers. 1.0 = every expert gets the
+    same share; NaN without MoE layers."""
+    loads = [r.get("expert_selected_load", r.get("expert_load")) for r in records
+             if r.get("split") == split and "expert_load" in r]
+    if not loads:
+        return float("nan")
+    ratios = []
+    for load in np.asarray(loads[-1], float):
+        load = load[np.isfinite(load)]  # layers with fewer experts end in NaN
+        ratios.append(load.max() / max(load.mean(), 1e-12))
+    return float(np.mean(ratios))
+
+
 def results_rows(runs: list[dict]) -> list[dict]:
     """One row per run with the COLUMNS (NaN where a value does not apply)."""
     rows = []
@@ -82,6 +99,7 @@ def results_rows(runs: list[dict]) -> list[dict]:
             "eval_accuracy": get("eval/accuracy"),
             "train_dropped_fraction": get("train/dropped_fraction"),
             "eval_dropped_fraction": get("eval/dropped_fraction"),
+            "eval_load_max_over_mean": load_max_over_mean(run["records"]),
             "tokens_per_sec": get("train/tokens_per_sec"), "wall_time_sec": get("wall_time_sec"),
         })
     return rows
@@ -174,7 +192,7 @@ def write_markdown(rows: list[dict], path: str, title: str = "",
                      else "."), ""]
     header = ("variant", "seed", "status", "params total", "params active", "FLOPs/token",
               "train loss", "eval loss", "eval loss s.e.", "eval acc", "dropped (train)",
-              "dropped (eval)", "tokens/s", "wall s")
+              "dropped (eval)", "load max/mean (eval)", "tokens/s", "wall s")
     lines += ["## Runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |")
