@@ -336,19 +336,6 @@ def test_per_layer_experts_shared_and_fine_grained_shapes():
     assert shapes["decoder"]["layer_0"]["mlp"]["wi"].shape == (16, 32)
 
 
-def test_shared_experts_are_initialised_like_routed_experts():
-    """Each of the N shared experts has fan-in F in wo, like a routed expert (not N·F)."""
-    cfg = make_cfg(**{"model.family": "decoder_only", "model.decoder_moe_layers": "1",
-                      "model.d_ff": 256, "moe.num_shared_experts": 4, "moe.num_experts": 4,
-                      "moe.expert_init_scale": 1.0})
-    model = make_model(cfg)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), make_batch()))["params"]
-    moe = params["decoder"]["layer_1"]["moe"]
-    std_routed, std_shared = float(jnp.std(moe["wo"])), float(jnp.std(moe["shared_wo"]))
-    assert abs(std_shared / std_routed - 1) < 0.05, (std_shared, std_routed)
-    assert abs(float(jnp.std(moe["shared_wi"])) / float(jnp.std(moe["wi"])) - 1) < 0.05
-
-
 def test_balance_bias_is_a_variable_used_by_apply_and_eval():
     """The selection biases live in the moe_balance collection ([E] per layer, zeros at
     init), outside the params; apply and eval_step route with them; the params alone are

@@ -353,6 +353,20 @@ def test_routing_variants_match_naive_reference(case):
         np.testing.assert_allclose(float(stats.entropy), want_ent, rtol=1e-5)
 
 
+def test_shared_experts_are_initialised_like_routed_experts():
+    """The N shared experts are one [D, N·F] / [N·F, D] FFN whose wo has the fan-in F of
+    each expert: the same init std as the routed experts' weights, not 1/sqrt(N)."""
+    cfg = make_cfg(**{"model.d_model": 64, "model.d_ff": 256, "moe.num_experts": 4,
+                      "moe.num_shared_experts": 4, "moe.expert_init_scale": 1.0})
+    x = jnp.zeros((1, 8, 64))
+    params = nn.unbox(jax.jit(lambda r: MoeLayer(cfg).init(r, x, train=False))(
+        jax.random.key(0)))["params"]
+    assert params["shared_wi"].shape == (64, 1024) and params["shared_wo"].shape == (1024, 64)
+    for shared, routed in (("shared_wi", "wi"), ("shared_wo", "wo")):
+        ratio = float(jnp.std(params[shared]) / jnp.std(params[routed]))
+        assert abs(ratio - 1) < 0.05, (shared, ratio)
+
+
 @pytest.mark.parametrize("router,k", [("top1", 1), ("topk", 2), ("expert_choice", 1),
                                       ("dropless", 2)])
 def test_moe_layer_matches_naive_reference_with_groups(router, k):
