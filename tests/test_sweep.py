@@ -57,13 +57,15 @@ def test_two_variant_two_seed_sweep_writes_report_and_skips_finished(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     before = os.path.getmtime(os.path.join(workdir, names[0], "final_metrics.json"))
 
-    rerun = _sweep_cli(workdir)
+    reports = str(tmp_path / "reports")
+    rerun = _sweep_cli(workdir, f"--report_dir={reports}")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for name in names:
         assert f"[sweep] {name}: finished, skipped" in rerun.stdout
     assert "running" not in rerun.stdout
     assert os.path.getmtime(os.path.join(workdir, names[0], "final_metrics.json")) == before
-    assert os.path.exists(os.path.join(workdir, "results.md"))
+    with open(os.path.join(reports, "results.csv")) as f:
+        assert list(csv.DictReader(f)) == rows
 
     # A changed base config does not reuse the finished arms' results: an error
     # naming the field, before anything runs.
