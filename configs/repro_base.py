@@ -22,7 +22,8 @@
 experts in every other FFN, 128-token sequences.
 
 `dense(config)` gives the overrides of the FLOP-matched dense baseline
-(`flops.flop_matched_dense`), so a sweep names it by what differs.
+(`flops.flop_matched_dense`), so a sweep names it by what differs. `smoke(config)`
+shrinks a recipe to seconds (tests, the notebooks' smoke mode).
 """
 from __future__ import annotations
 
@@ -62,6 +63,17 @@ def decoder(learning_rate: float = 0.01, **overrides):
     config.data.objective, config.data.inputs_length, config.data.targets_length = \
         "causal_lm", 0, 128
     return _train(config, batch_size=32, steps=2500, learning_rate=learning_rate)
+
+
+def smoke(config):
+    """Tiny dims and 10 steps of batch 8, the routing and the variants kept."""
+    m, t, d = config.model, config.train, config.data
+    m.d_model, m.d_ff, m.num_heads, m.head_dim = 32, 64, 2, 16
+    d.inputs_length, d.targets_length = (32, 8) if m.family == "encoder_decoder" else (0, 32)
+    config.moe.group_size = 0
+    t.batch_size, t.num_train_steps, t.warmup_steps = 8, 10, 5
+    t.log_every, t.eval_every, t.eval_steps, t.checkpoint_every = 5, 5, 1, 10
+    return config
 
 
 def dense(config) -> dict:

@@ -12,13 +12,14 @@ capacity factor from the benchmark's layer section (results/benchmark). With the
 Runtime on the 2-core CPU: ~10 min per run, 12 runs (9 new).
 Measured: see results/repro_capacity/results.md.
 """
-from configs import repro_base, repro_sparse_vs_dense
+from configs import common, repro_base, repro_sparse_vs_dense
 
 SEEDS = (0, 1, 2)
 
 
 def get_config(arg=None):
-    return repro_base.encdec()
+    config = repro_base.encdec()
+    return repro_base.smoke(config) if common.parse_arg(arg, smoke=False).smoke else config
 
 
 def sweep():

@@ -15,7 +15,7 @@ a grid for top-1 and its dense model (seed 0), the best rate then for all four; 
 Runtime on the 2-core CPU: ~12 min per run, 16 runs.
 Measured: see results/repro_decoder/results.md.
 """
-from configs import repro_base
+from configs import common, repro_base
 
 SEEDS = (0, 1, 2)
 GRID = (0.005, 0.01, 0.02)
@@ -24,7 +24,8 @@ TOP2 = {"moe.router": "dropless", "moe.num_selected_experts": 2, "moe.dispatch":
 
 
 def get_config(arg=None):
-    return repro_base.decoder()
+    config = repro_base.decoder()
+    return repro_base.smoke(config) if common.parse_arg(arg, smoke=False).smoke else config
 
 
 def sweep():

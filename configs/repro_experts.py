@@ -11,14 +11,15 @@ dense and 8-expert runs are shared.
 Runtime on the 2-core CPU: ~10 min per run, 15 runs (9 new after repro_sparse_vs_dense).
 Measured: see results/repro_experts/results.md.
 """
-from configs import repro_base, repro_sparse_vs_dense
+from configs import common, repro_base, repro_sparse_vs_dense
 
 SEEDS = (0, 1, 2)
 EXPERTS = (2, 4, 8, 16)
 
 
 def get_config(arg=None):
-    return repro_base.encdec()
+    config = repro_base.encdec()
+    return repro_base.smoke(config) if common.parse_arg(arg, smoke=False).smoke else config
 
 
 def sweep():

@@ -13,7 +13,7 @@ for each model (seed 0), then three seeds at each model's best rate.
 Runtime on the 2-core CPU: ~10 min per run, 10 runs.
 Measured: see results/repro_sparse_vs_dense/results.md.
 """
-from configs import repro_base
+from configs import common, repro_base
 
 SEEDS = (0, 1, 2)
 GRID = (0.005, 0.01, 0.02)  # peak learning rates (Adafactor, rsqrt schedule)
@@ -21,7 +21,8 @@ BEST = {"switch": 0.01, "dense": 0.01}  # each model's best rate in the grid (se
 
 
 def get_config(arg=None):
-    return repro_base.encdec()
+    config = repro_base.encdec()
+    return repro_base.smoke(config) if common.parse_arg(arg, smoke=False).smoke else config
 
 
 def sweep():
