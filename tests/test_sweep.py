@@ -146,6 +146,8 @@ def test_report_mean_and_std_over_seeds(tmp_path):
     np.testing.assert_allclose(secs, [[0, 2.5, 5.0], [0, 5.0, 10.0]])
     paths = report.write_report(runs, str(tmp_path), "t", {"command": "x", "commit": "y"})
     assert all(os.path.exists(p) for p in paths)
+    rows = report.read_rows(os.path.join(tmp_path, "results.csv"))
+    assert report.summarize(rows)[0]["eval_loss"] == pytest.approx((mean, sd))
     back = report.read_curves(os.path.join(tmp_path, "curves.json"))["a=1"]
     for a, b in zip(back, report.eval_curves(runs)["a=1"]):
         np.testing.assert_allclose(a, b)

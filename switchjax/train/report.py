@@ -120,6 +120,22 @@ def write_csv(rows: list[dict], path: str) -> None:
         writer.writerows(rows)
 
 
+def read_rows(path: str) -> list[dict]:
+    """`write_csv`'s rows back, numbers as numbers (what the notebooks read)."""
+    def parse(key, text):
+        if key in ("variant", "status"):
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+    with open(path, newline="") as f:
+        return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def _fmt(value) -> str:
     if isinstance(value, str):
         return value.replace("|", "\\|")
