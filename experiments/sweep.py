@@ -27,6 +27,8 @@ from switchjax.train.sweep import load_sweep, run_sweep  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]) "
                                           "that defines sweep().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one subdirectory per run).")
+_REPORT_DIR = flags.DEFINE_string("report_dir", None, "Where the results go (default: --workdir), "
+                                   "e.g. results/<sweep>; sweeps sharing a --workdir share runs.")
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds of every variant, e.g. 0,1,2 (default: the "
                            "config's SEEDS, or 0).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -44,6 +46,7 @@ def main(argv):
         except ValueError:
             fail("--seeds", ",".join(_SEEDS.value), "not a list of integers", "e.g. --seeds=0,1,2")
     run_sweep(_CONFIG.value, sweep(), _WORKDIR.value, title=path, seeds=seeds,
+              report_dir=_REPORT_DIR.value,
               provenance=provenance("python -m experiments.sweep " + " ".join(sys.argv[1:])))
 
 

@@ -58,13 +58,15 @@ def test_two_variant_two_seed_sweep_writes_report_and_skips_finished(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     before = os.path.getmtime(os.path.join(workdir, names[0], "final_metrics.json"))
 
-    rerun = _sweep_cli(workdir)
+    reports = str(tmp_path / "reports")
+    rerun = _sweep_cli(workdir, f"--report_dir={reports}")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for name in names:
         assert f"[sweep] {name}: finished, skipped" in rerun.stdout
     assert "running" not in rerun.stdout
     assert os.path.getmtime(os.path.join(workdir, names[0], "final_metrics.json")) == before
-    assert os.path.exists(os.path.join(workdir, "results.md"))
+    with open(os.path.join(reports, "results.csv")) as f:
+        assert list(csv.DictReader(f)) == rows
 
     # A changed base config does not reuse the finished arms' results: an error
     # naming the field, before anything runs.
@@ -145,6 +147,11 @@ def test_report_mean_and_std_over_seeds(tmp_path):
     np.testing.assert_allclose(secs, [[0, 2.5, 5.0], [0, 5.0, 10.0]])
     paths = report.write_report(runs, str(tmp_path), "t", {"command": "x", "commit": "y"})
     assert all(os.path.exists(p) for p in paths)
+    rows = report.read_rows(os.path.join(tmp_path, "results.csv"))
+    assert report.summarize(rows)[0]["eval_loss"] == pytest.approx((mean, sd))
+    back = report.read_curves(os.path.join(tmp_path, "curves.json"))["a=1"]
+    for a, b in zip(back, report.eval_curves(runs)["a=1"]):
+        np.testing.assert_allclose(a, b)
     md = open(paths[1]).read()
     assert "| a=1 | 2 | 10 | 4.2000 ± 0.2828 |" in md
     assert "| a=2 | 0 of 1 |" in md and "failed: Non-finite task_loss at step 3" in md
@@ -171,3 +178,18 @@ def test_load_max_over_mean_from_the_last_eval_record():
     assert report.load_max_over_mean(records) == pytest.approx(1.55)
     assert report.load_max_over_mean(records[:2]) == pytest.approx(1.0)  # expert_load
     assert np.isnan(report.load_max_over_mean([{"split": "eval", "task_loss": 1.0}]))
+
+
+def test_step_speedup():
+    """Dense reaches 4.0 at its last step (10); the sparse mean curve crosses 4.0 a quarter
+    of the way from step 4 (4.2) to step 6 (3.4): at 4.5, i.e. 0.45 of the dense steps."""
+    steps = np.array([0, 2, 4, 6, 8, 10])
+    curves = {"dense": (steps, np.array([[6, 5.5, 5, 4.6, 4.3, 4.0]] * 2, float), None),
+              "sparse": (steps, np.array([[6, 5, 4.1, 3.3, 3, 2.9], [6, 5, 4.3, 3.5, 3, 2.9]],
+                                         float), None)}
+    got = report.step_speedup(curves, "sparse", "dense")
+    assert got["target_loss"] == 4.0
+    assert got["steps_fraction"] == pytest.approx(0.45) and got["speedup"] == pytest.approx(1 / 0.45)
+    never = report.step_speedup({**curves, "sparse": curves["dense"][:1] + (
+        np.full((2, 6), 5.0), None)}, "sparse", "dense")
+    assert never["steps_fraction"] is None and never["speedup"] is None

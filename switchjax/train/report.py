@@ -138,6 +138,22 @@ def write_csv(rows: list[dict], path: str) -> None:
         writer.writerows(rows)
 
 
+def read_rows(path: str) -> list[dict]:
+    """`write_csv`'s rows back, numbers as numbers (what the notebooks read)."""
+    def parse(key, text):
+        if key in ("variant", "status"):
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+    with open(path, newline="") as f:
+        return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def _fmt(value) -> str:
     if isinstance(value, str):
         return value.replace("|", "\\|")
@@ -226,6 +242,50 @@ def eval_curves(runs: list[dict]) -> dict:
         secs = np.array([np.interp(steps, *t) for _, t in seeds])
         curves[variant] = (np.array(steps), losses, secs)
     return curves
+
+
+def first_reach(xs, losses, target: float) -> Optional[float]:
+    """The first x (linearly interpolated between evaluations) at which `losses` is at or
+    below `target`, or None if it never is."""
+    for i in range(len(xs)):
+        if losses[i] <= target:
+            if i == 0:
+                return float(xs[0])
+            frac = (losses[i - 1] - target) / (losses[i - 1] - losses[i])
+            return float(xs[i - 1] + frac * (xs[i] - xs[i - 1]))
+    return None
+
+
+def step_speedup(curves: dict, sparse: str, dense: str) -> dict:
+    """The paper's step-basis speedup from `eval_curves` output: the steps the dense model
+    (mean over seeds) took to its final eval loss, over the steps the sparse model's mean
+    curve takes to reach it. {'steps_fraction' (sparse steps / dense steps), 'speedup'}, both
+    None if the sparse model never reaches it."""
+    d_steps, d_losses, _ = curves[dense]
+    s_steps, s_losses, _ = curves[sparse]
+    target = float(d_losses.mean(0)[-1])
+    reach = first_reach(s_steps, s_losses.mean(0), target)
+    fraction = None if reach is None else reach / float(d_steps[-1])
+    return {"target_loss": target, "sparse_step": reach, "steps_fraction": fraction,
+            "speedup": None if not fraction else 1.0 / fraction}
+
+
+def write_curves(runs: list[dict], path: str) -> None:
+    """`eval_curves` as JSON: {variant: {'steps', 'eval_loss' [seeds][N],
+    'train_seconds' [seeds][N]}} (what the notebooks plot from committed results)."""
+    out = {v: {"steps": steps.tolist(), "eval_loss": losses.tolist(),
+               "train_seconds": secs.tolist()}
+           for v, (steps, losses, secs) in eval_curves(runs).items()}
+    with open(path, "w") as f:
+        json.dump(out, f)
+
+
+def read_curves(path: str) -> dict:
+    """The `eval_curves` dict back from `write_curves`' JSON."""
+    with open(path) as f:
+        raw = json.load(f)
+    return {v: (np.asarray(c["steps"]), np.asarray(c["eval_loss"]),
+                np.asarray(c["train_seconds"])) for v, c in raw.items()}
 
 
 def _pyplot():
@@ -323,17 +383,18 @@ def provenance(command: Optional[str] = None) -> dict:
 
 def write_report(runs: list[dict], directory: str, title: str = "",
                  provenance: Optional[dict] = None) -> list[str]:
-    """results.csv, results.md, eval_loss.png, eval_loss_time.png, expert_load.png (and
-    provenance.json when given) in `directory`."""
+    """results.csv, results.md, curves.json, eval_loss.png, eval_loss_time.png,
+    expert_load.png (and provenance.json when given) in `directory`."""
     rows = results_rows(runs)
-    names = ("results.csv", "results.md", "eval_loss.png", "eval_loss_time.png",
+    names = ("results.csv", "results.md", "curves.json", "eval_loss.png", "eval_loss_time.png",
              "expert_load.png")
     paths = [os.path.join(directory, n) for n in names]
     write_csv(rows, paths[0])
     write_markdown(rows, paths[1], title, provenance)
-    plot_eval_loss(runs, paths[2], "step")
-    plot_eval_loss(runs, paths[3], "time")
-    plot_expert_load(runs, paths[4])
+    write_curves(runs, paths[2])
+    plot_eval_loss(runs, paths[3], "step")
+    plot_eval_loss(runs, paths[4], "time")
+    plot_expert_load(runs, paths[5])
     if provenance:
         paths.append(os.path.join(directory, "provenance.json"))
         with open(paths[-1], "w") as f:

@@ -80,9 +80,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
 
 
 def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: str,
-              title: str = "", seeds=(0,), provenance: dict | None = None) -> list[dict]:
+              title: str = "", seeds=(0,), provenance: dict | None = None,
+              report_dir: str | None = None) -> list[dict]:
     """Runs every variant for every seed (`with_seeds`) where unfinished, writes the report
-    into `workdir` (with `provenance`: command, commit, machine); returns the runs.
+    of these runs into `report_dir` (default `workdir`; with `provenance`: command, commit,
+    machine); returns the runs. Runs are named by their overrides, so sweeps that share a
+    workdir share the runs they have in common (same name and config).
 
     A run that ran before with another config (say the base config changed) is an
     error before anything runs; one whose steps grew is continued, not skipped.
@@ -128,6 +131,7 @@ def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: 
                     f.write(str(e) + "\n")
     runs = [report.load_run(os.path.join(workdir, name), name) for name in names]
     if is_chief:
-        for path in report.write_report(runs, workdir, title, provenance):
+        os.makedirs(report_dir or workdir, exist_ok=True)
+        for path in report.write_report(runs, report_dir or workdir, title, provenance):
             print(f"[sweep] wrote {path}", flush=True)
     return runs
