@@ -43,6 +43,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import cli
 from switchjax import sharding as sharding_lib
 from switchjax.config import ModelConfig
 from switchjax.flops import param_counts
@@ -161,7 +162,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    mesh_shape = tuple(int(s) for s in f.mesh.split(","))
+    mesh_shape = cli.mesh_sizes("--mesh", f.mesh)
     result = aot_compile(f.config, mesh_shape, f.batch_size, f.inputs_length, f.targets_length,
                          f.accum_steps)
     print(report(result), flush=True)
@@ -169,4 +170,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

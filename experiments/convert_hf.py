@@ -11,6 +11,7 @@ OUT/config.json and OUT/params; load with
 import jax
 from absl import app, flags, logging
 
+from experiments import cli
 from switchjax.convert import hf_switch
 
 _MODEL = flags.DEFINE_string("model", None, "Local checkpoint directory or hub name.",
@@ -35,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -15,8 +15,10 @@ import argparse
 import os
 import sys
 
+from experiments import cli
 from switchjax.analysis import inspector
 from switchjax.analysis.run import load_trained, text_batch
+from switchjax.config import fail
 
 
 def parse_args(argv):
@@ -32,14 +34,11 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run = load_trained(args.workdir, args.step)
-        batch = text_batch(run.cfg, run.tokenizer, args.text)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
+    run = load_trained(args.workdir, args.step)
+    batch = text_batch(run.cfg, run.tokenizer, args.text)
     if not run.cfg.num_moe_layers:
-        raise SystemExit(f"error: the model of --workdir={args.workdir!r} has no MoE layer "
-                         "(a dense run). Fix: pass the workdir of a Switch run.")
+        fail("--workdir", args.workdir, "its model has no MoE layer (a dense run)",
+             "pass the workdir of a Switch run")
     layers = inspector.capture_routing(run.cfg, run.params, batch)
     E = run.cfg.moe.num_experts
     print(f"{args.workdir} step {run.step}: {run.cfg.family}, {len(layers)} MoE layers x "
@@ -54,4 +53,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_plain(main)

@@ -12,12 +12,25 @@ device computes) and checked for non-finite values before they are logged or
 the state is saved: a non-finite loss or gradient raises `NonFiniteError`
 naming the step and the first bad quantity, after pending checkpoint writes
 have finished, so the last good checkpoint stays intact.
+
+Stops that leave a checkpoint to resume from exactly:
+  SIGTERM (a preemption notice): the step in flight finishes, its checkpoint is
+    written, then `Preempted` is raised (with several processes, JAX's preemption
+    sync point picks the step all of them save);
+  a data iterator that raises (a file deleted, truncated or unreadable under it): the
+    last completed step is saved with the iterator position before the failed batch,
+    then `DataError` names the file (other iterator errors are re-raised as they are,
+    after the same save).
+A checkpoint write the storage refuses (a full disk) raises `CheckpointWriteError`; the
+checkpoints written before stay intact.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Optional
 
@@ -28,13 +41,15 @@ from jax.experimental import multihost_utils
 
 from switchjax import flops
 from switchjax import sharding as sharding_lib
-from switchjax.config import ConfigError, ModelConfig, check_groups
+from switchjax.config import ConfigError, ModelConfig, ReportedError, check_groups
+from switchjax.fs import check_writable
 from switchjax.models import make_model
 from switchjax.train import checkpoint as checkpoint_lib
 from switchjax.train import metrics as metrics_lib
 from switchjax.train.optimizer import make_optimizer, make_schedule
 from switchjax.train.state import create_train_state, dummy_batch, state_shardings
 from switchjax.train.step import jit_eval_step, jit_train_step
+from switchjax.data.source import DataError
 from switchjax.train.train_config import validate_train_config
 
 SECTIONS = ("model", "moe", "data", "train", "mesh", "seed")
@@ -45,8 +60,14 @@ DONE = "DONE"
 _TOKEN_WEIGHTED = ("task_loss", "accuracy", "logit_z_loss")
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(ReportedError, FloatingPointError):
     """A loss or gradient norm became NaN/inf; the message names the step and quantity."""
+
+
+class Preempted(ReportedError):
+    """SIGTERM arrived; the checkpoint of the step named in the message was written."""
+
+    exit_status = 128 + signal.SIGTERM
 
 
 def _data():  # imported lazily: the data package pulls in tensorflow_datasets
@@ -152,6 +173,8 @@ class _Run:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
+        if workdir:
+            check_writable("--workdir", workdir, "use a writable run directory")
         self.cfg = validate_config(config)
         sharding_lib.maybe_initialize_distributed(config.mesh)
         self.mesh = sharding_lib.make_mesh(config.mesh)
@@ -297,26 +320,64 @@ class _Training:
         t = self.run.config.train
         if start_step == 0:  # the loss at initialisation, as the first point of the curve
             self.evaluate(state, 0)
-        for step in range(start_step + 1, t.num_train_steps + 1):
-            batch = sharding_lib.host_local_to_global(next(self.run.train_iter), self.run.mesh)
-            state, metrics = self.train_step(state, batch, self.rng)
-            self.pending.append((step, metrics))
-            last = step == t.num_train_steps
-            log_now = step % t.log_every == 0 or last
-            eval_now = step % t.eval_every == 0 or last
-            save_now = step % t.checkpoint_every == 0 or last
-            self.check(upto_all=log_now or eval_now or save_now)
-            if log_now:
-                self.log(step)
-            if save_now:
-                self.ckpt.save(step, state, self.run.train_iter, self.run.config)
-            if eval_now:
-                self.last_eval = self.evaluate(state, step)
+        with _PreemptionNotice() as notice:
+            for step in range(start_step + 1, t.num_train_steps + 1):
+                batch = self.next_batch(state, step)
+                state, metrics = self.train_step(state, batch, self.rng)
+                self.pending.append((step, metrics))
+                last = step == t.num_train_steps
+                log_now = step % t.log_every == 0 or last
+                eval_now = step % t.eval_every == 0 or last
+                save_now = step % t.checkpoint_every == 0 or last
+                preempted = notice.reached(step)
+                self.check(upto_all=log_now or eval_now or save_now or preempted)
+                if log_now:
+                    self.log(step)
+                if save_now or preempted:
+                    self.ckpt.save(step, state, self.run.train_iter, self.run.config)
+                if preempted:
+                    self.ckpt.wait()
+                    raise Preempted(f"{notice.signal_name} received: stopped after step {step} "
+                                    f"and wrote its checkpoint to {self.ckpt.directory}. "
+                                    "Rerun the same command to resume from there.")
+                if eval_now:
+                    self.last_eval = self.evaluate(state, step)
         if not self.last_eval:  # restored at the last step but never finished
             self.last_eval = self.evaluate(state, int(state.step))
             self.last_train = self.last_train or _logged(self.run.workdir, "train",
                                                          int(state.step))
         return state
+
+    def next_batch(self, state, step: int) -> dict:
+        """The global batch of `step`. If the data iterator raises, the state after step - 1
+        is saved with the iterator position before this batch (a rerun resumes exactly
+        here), then a DataError names the file (other errors are re-raised as they are)."""
+        train_iter = self.run.train_iter
+        position = train_iter.get_state()
+        try:
+            local = next(train_iter)
+        except Exception as e:  # noqa: BLE001 - saved, then reported or re-raised below
+            saved = self._save_before_stop(state, step - 1,
+                                           checkpoint_lib.IteratorPosition(position))
+            data_error = next((c for c in _causes(e) if isinstance(c, DataError)), None)
+            if data_error is None:
+                raise
+            where = (f"checkpoint step {step - 1} in {self.ckpt.directory} holds the state and "
+                     "the data position" if saved else "no checkpoint was needed (step 0)")
+            raise DataError(
+                f"{data_error} at step {step}. Training stopped; {where}. Fix: restore the "
+                f"file (or rebuild the dataset), then rerun the same command: it resumes at "
+                f"step {step}.", data_error.path, data_error.cause) from e
+        return sharding_lib.host_local_to_global(local, self.run.mesh)
+
+    def _save_before_stop(self, state, step: int, position) -> bool:
+        """Checks the pending metrics, saves `step` (unless 0) with the data `position`
+        and waits for the write."""
+        self.check(upto_all=True)
+        if step > 0:
+            self.ckpt.save(step, state, position, self.run.config)
+        self.ckpt.wait()
+        return step > 0
 
     def check(self, upto_all: bool) -> None:
         """Fetches pending metrics (all, or all but the newest) and checks them."""
@@ -366,6 +427,46 @@ class _Training:
                   f"{result['accuracy']:.4f}{extra}", flush=True)
         self.progress.exclude(time.perf_counter() - paused)
         return result
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    out = []
+    while error is not None and error not in out:
+        out.append(error)
+        error = error.__cause__ or error.__context__
+    return out
+
+
+class _PreemptionNotice:
+    """SIGTERM as a preemption notice, checked once per step (`reached(step)`).
+
+    One process: a handler (installed while training, the previous one restored after)
+    records the signal. Several processes: JAX's preemption sync manager catches SIGTERM
+    on any of them and `multihost_utils.reached_preemption_sync_point` tells all of them
+    the same step to save at."""
+
+    signal_name = "SIGTERM"
+
+    def __enter__(self):
+        self.received, self.previous = False, None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        del signum, frame
+        self.received = True
+        logging.warning("SIGTERM received: stopping after this step and saving a checkpoint.")
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
 
 
 def _write_final(run: _Run, state, training: _Training, start_time: float) -> dict:
