@@ -324,8 +324,8 @@ class ModelConfig:
         least = 4 if self.family == "encoder_decoder" else 2
         if buckets < least:
             fail("model.relative_attention_num_buckets", buckets,
-                 f"a {self.family} needs at least {least} (the exact range of "
-                 f"{'each direction of ' if least == 4 else ''}the buckets would be empty)",
+                 f"must be at least {least} for model.family={self.family!r} (else the exact "
+                 f"range of {'each direction of ' if least == 4 else ''}the buckets is empty)",
                  "use 32 (T5)")
         if self.relative_attention_max_distance <= buckets // 2:
             fail("model.relative_attention_max_distance", self.relative_attention_max_distance,

@@ -23,6 +23,5 @@ def check_writable(field: str, path: str, fix: str) -> str:
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        where = f" ({e.filename})" if e.filename and e.filename != directory else ""
-        fail(field, path, f"cannot be created or written: {e.strerror or e}{where}", fix)
+        fail(field, path, f"cannot be created or written: {e.strerror or e}", fix)
     return directory

@@ -15,12 +15,17 @@ from collections.abc import Sequence
 from switchjax.config import UserError
 
 
-class DataError(UserError, RuntimeError):
-    """Reading the data failed; `path` is the file, `cause` the storage's error."""
+FIX = "restore the file (or rebuild the dataset: the embedded corpus is rebuilt when its " \
+      "directory in data.data_dir is deleted)"
 
-    def __init__(self, message: str, path: str, cause: str):
-        super().__init__(message)
-        self.path, self.cause = path, cause
+
+class DataError(UserError, RuntimeError):
+    """Reading the data failed. `problem` names the file and says what failed (the message
+    is `<problem>. Fix: <fix>.`), `path` is the file."""
+
+    def __init__(self, problem: str, path: str, fix: str = FIX):
+        super().__init__(f"{problem}. Fix: {fix}.")
+        self.problem, self.path = problem, path
 
 
 class CheckedSource:
@@ -47,7 +52,7 @@ class CheckedSource:
         cause = " ".join(f"{type(error).__name__}: {error}".split())[:300]
         path = self.file_of(index)
         return DataError(f"data file {path!r}: reading record {index} of split "
-                         f"{self._split!r} failed ({cause})", path, cause)
+                         f"{self._split!r} failed ({cause})", path)
 
     def __getitem__(self, index: int):
         try:

@@ -233,7 +233,8 @@ class Checkpointer:
                 return state, step
             if code == _STOP:
                 reason = diagnosis.reason if diagnosis else "failed on another process"
-                fail("checkpoint", self.step_dir(step), f"cannot be read: {reason}. Nothing was "
+                fail("checkpoint", self.step_dir(step), f"cannot be read: {reason.rstrip('.')}. "
+                     "Nothing was "
                      "moved (this is no evidence that the checkpoint is bad)",
                      "if the storage refused the read, make it readable and rerun; if the "
                      "arrays do not fit the model, rerun with the config they were written "

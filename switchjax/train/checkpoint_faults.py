@@ -67,7 +67,7 @@ def summary(error: BaseException, limit: int = 300) -> str:
     status code (tensorstore's are the informative ones), else the innermost one."""
     chain = _chain(error)
     pick = next((e for e in chain if _STATUS.match(str(e).strip())), chain[-1])
-    text = " ".join(str(pick).split())
+    text = " ".join(str(pick).split()).split(". ")[0]  # the first sentence
     line = f"{type(pick).__name__}: {text}" if text else type(pick).__name__
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
@@ -113,8 +113,8 @@ def _read_json(path: str, label: str) -> Optional[Diagnosis]:
     try:
         json.loads(text)
     except ValueError as e:
-        return Diagnosis("corrupt", f"{label} is not valid JSON ({len(text)} bytes, "
-                                    f"{getattr(e, 'msg', e)} at character "
+        return Diagnosis("corrupt", f"{label} is not valid JSON ({len(text)} bytes; "
+                                    f"{getattr(e, 'msg', e)}, character "
                                     f"{getattr(e, 'pos', '?')}): truncated or overwritten")
     return None
 

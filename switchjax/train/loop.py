@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 
 from switchjax import flops
 from switchjax import sharding as sharding_lib
-from switchjax.config import ConfigError, ModelConfig, ReportedError, check_groups
+from switchjax.config import ModelConfig, ReportedError, check_groups, fail
 from switchjax.fs import check_writable
 from switchjax.models import make_model
 from switchjax.train import checkpoint as checkpoint_lib
@@ -49,6 +49,7 @@ from switchjax.train import metrics as metrics_lib
 from switchjax.train.optimizer import make_optimizer, make_schedule
 from switchjax.train.state import create_train_state, dummy_batch, state_shardings
 from switchjax.train.step import jit_eval_step, jit_train_step
+from switchjax.data import source as source_lib
 from switchjax.data.source import DataError
 from switchjax.train.train_config import validate_train_config
 
@@ -80,19 +81,20 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     missing = [s for s in SECTIONS if s not in config]
     unknown = sorted(set(config.keys()) - set(SECTIONS))
     if missing or unknown:
-        raise ConfigError(f"config sections {sorted(config.keys())}: missing {missing}, unknown "
-                          f"{unknown}. Fix: a config has exactly {SECTIONS}.")
+        fail("config sections", sorted(config.keys()), f"missing {missing}, unknown {unknown}",
+             f"a config has exactly {SECTIONS}")
     cfg = ModelConfig.from_config(config)
     validate_train_config(config.train)
+    sharding_lib.validate_mesh_config(config.mesh)
     data = config.data
     for name, seed in (("seed", config.seed), ("data.shuffle_seed", data.shuffle_seed)):
-        if not (isinstance(seed, int) and seed >= 0):
-            raise ConfigError(f"{name}={seed!r}: must be an integer >= 0. Fix: e.g. 0.")
+        if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+            fail(name, seed, "must be an integer >= 0", "e.g. 0")
     _data().validate_data_config(data)
     wanted = "span_corruption" if cfg.family == "encoder_decoder" else "causal_lm"
     if data.objective != wanted:
-        raise ConfigError(f"data.objective={data.objective!r} does not fit model.family="
-                          f"{cfg.family!r}. Fix: use data.objective={wanted!r}.")
+        fail("data.objective", data.objective, f"does not fit model.family={cfg.family!r}",
+             f"use data.objective={wanted!r}")
     if cfg.num_moe_layers:
         check_groups(cfg.moe.group_size, config.train.batch_size // config.train.accum_steps,
                      batch_lengths(cfg, data))
@@ -111,13 +113,13 @@ def _validate_devices(cfg: ModelConfig, config, mesh, rules) -> None:
     micro = train.batch_size // train.accum_steps
     sharding_lib.validate_mesh(cfg, mesh, train.batch_size, rules)
     if train.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the "
-                          f"{jax.process_count()} processes. Fix: use a multiple.")
+        fail("train.batch_size", train.batch_size, f"is not divisible by the "
+             f"{jax.process_count()} processes", f"use a multiple of {jax.process_count()}")
     shards = mesh.shape["data"] * mesh.shape["expert"]
     if micro % shards:
-        raise ConfigError(f"train.accum_steps={train.accum_steps}: microbatches of {micro} rows "
-                          f"do not split over mesh data x expert = {shards}. Fix: use "
-                          f"train.batch_size divisible by {shards * train.accum_steps}.")
+        fail("train.accum_steps", train.accum_steps, f"microbatches of {micro} rows do not "
+             f"split over mesh data x expert = {shards}",
+             f"use train.batch_size divisible by {shards * train.accum_steps}")
     sharding_lib.validate_mesh(cfg, mesh, micro, rules, lengths)  # groups of a microbatch
     sharding_lib.process_batch_rows(mesh, train.batch_size)  # each host's rows are contiguous
 
@@ -183,11 +185,10 @@ class _Run:
         data = config.data
         self.tokenizer = _data().make_tokenizer(data)
         if self.cfg.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={self.cfg.vocab_size} is smaller than the tokenizer's "
-                f"{self.tokenizer.vocab_size} ids (data.vocab_size={data.vocab_size} pieces + "
-                f"data.num_extra_ids={data.num_extra_ids}). Fix: set model.vocab_size >= "
-                f"{self.tokenizer.vocab_size}.")
+            fail("model.vocab_size", self.cfg.vocab_size, f"is smaller than the tokenizer's "
+                 f"{self.tokenizer.vocab_size} ids ({self.tokenizer.spm_size} SentencePiece "
+                 f"pieces + data.num_extra_ids={data.num_extra_ids})",
+                 f"set model.vocab_size >= {self.tokenizer.vocab_size}")
         self.is_chief = jax.process_index() == 0
         self.inputs_length = data.inputs_length if self.cfg.family == "encoder_decoder" else 0
 
@@ -273,10 +274,10 @@ def _open_checkpoints(run: _Run) -> checkpoint_lib.Checkpointer:
     changes = checkpoint_lib.config_changes(ckpt.saved_config(), run.config)
     if changes:
         ckpt.close()
-        raise ConfigError(
-            f"{run.workdir} holds checkpoints of another config: {'; '.join(changes)}. Fix: "
-            "rerun with the values they were written with, or use a new --workdir (a resumed "
-            f"run may change only {', '.join(checkpoint_lib.RESUMABLE)}).")
+        fail("--workdir", run.workdir, f"holds checkpoints of another config: "
+             f"{'; '.join(changes)}", "rerun with the values they were written with, or use a "
+             f"new --workdir (a resumed run may change only "
+             f"{', '.join(checkpoint_lib.RESUMABLE)})")
     return ckpt
 
 
@@ -364,10 +365,9 @@ class _Training:
                 raise
             where = (f"checkpoint step {step - 1} in {self.ckpt.directory} holds the state and "
                      "the data position" if saved else "no checkpoint was needed (step 0)")
-            raise DataError(
-                f"{data_error} at step {step}. Training stopped; {where}. Fix: restore the "
-                f"file (or rebuild the dataset), then rerun the same command: it resumes at "
-                f"step {step}.", data_error.path, data_error.cause) from e
+            raise DataError(f"{data_error.problem} at step {step}. Training stopped; {where}",
+                            data_error.path, f"{source_lib.FIX}, then rerun the same command: "
+                            f"it resumes at step {step}") from e
         return sharding_lib.host_local_to_global(local, self.run.mesh)
 
     def _save_before_stop(self, state, step: int, position) -> bool:
