@@ -10,7 +10,7 @@ chosen by the environment, lives here and never in the config or the loop:
                      (K, the function, the thread); the test SIGKILLs the process there.
                      K = 'count' freezes nothing. Either way the save is waited for, then
                      <workdir>/WRITTEN gets the number of calls the whole write made and
-                     the process sleeps (a kill after the write);
+                     training goes on (with HANG_AT_STEP, a kill after the write);
   STEP_DELAY=SEC     sleep SEC before each step and write its number to <workdir>/STEP
                      (a test sends SIGTERM in the middle of the run).
 
@@ -112,7 +112,7 @@ def _freeze_save(checkpoint, workdir, spec):
         finally:
             counter.disarm()
         _write(workdir, "WRITTEN", str(counter.count))
-        _sleep_forever()
+        return True
     checkpoint.Checkpointer.save = save
 
 

@@ -33,8 +33,8 @@ import sentencepiece as spm
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),  # run as a script too
                 os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-from _train_utils import (DATA_FILES, REPO, STDLIB, cli_args, data_dir, env,  # noqa: E402
-                          reference_run, tiny_config, unprivileged)
+from _train_utils import (DATA_FILES, REPO, STDLIB, TWO_CHECKPOINTS, cli_args,  # noqa: E402
+                          data_dir, env, reference_run, tiny_config, unprivileged)
 from switchjax.config import ReportedError, UserError  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "errors.md")
@@ -78,7 +78,7 @@ class Ctx:
         return text
 
     # A run with checkpoints at steps 2 and 4, and its abstract state and iterator.
-    CKPT = dict(num_train_steps=4, checkpoint_every=2, eval_every=4, max_to_keep=2)
+    CKPT = TWO_CHECKPOINTS
 
     def checkpointed(self, name: str) -> str:
         workdir = self.path("runs", name)

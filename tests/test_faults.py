@@ -7,7 +7,7 @@ only the newest kept) and compares the resumed run with an uninterrupted one
   kill -9 at random points of an asynchronous checkpoint write (tests/hang_worker.py
     FREEZE_SAVE: the process is frozen at the K-th Python call of the write's code, K
     drawn in each third of the calls the whole write makes, then SIGKILLed), plus once
-    after the write;
+    after the write, one step past it (it replaces a kill between steps);
   SIGTERM (a preemption notice) in the middle of a run: a checkpoint, exit status 143;
   a full disk during a checkpoint write: a writer that raises ENOSPC part way, and (where
     a tmpfs can be mounted) a filesystem too small for the second checkpoint;
@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from _train_utils import (REPO, assert_same_run, cli_args, env, kill, reference_run,
+from _train_utils import (REPO, assert_same_run, cli_args, env, kill, records, reference_run,
                           start_worker, tiny_config, unprivileged, wait_for, wrap_train_step)
 from switchjax.data.source import DataError
 from switchjax.train import checkpoint, loop
@@ -57,28 +57,30 @@ def _checkpoint_entries(workdir: str) -> list[str]:
 def test_kill_during_async_checkpoint_write_resumes_bitwise(tmp_path):
     config = fault_config()
     reference = reference_run(config)
-    # The whole write, counted; killed right after it (the checkpoint complete).
+    # The whole write, counted; killed later, before step 6 (after step 5 was logged).
     first = str(tmp_path / "after_write")
-    proc = start_worker(config, first, {"FREEZE_SAVE": f"{KILL_STEP}:count"})
-    written = os.path.join(first, "WRITTEN")
-    wait_for(proc, lambda: os.path.exists(written), what=f"the write of step {KILL_STEP}")
+    proc = start_worker(config, first, {"FREEZE_SAVE": f"{KILL_STEP}:count",
+                                        "HANG_AT_STEP": "6"})
+    wait_for(proc, lambda: os.path.exists(os.path.join(first, "HANG")), what="step 6")
     kill(proc)
-    calls = int(_read(written))
+    assert 5 in records(first, "train")  # it really got past the checkpoint
+    calls = int(_read(os.path.join(first, "WRITTEN")))
     seed = int(os.environ.get("SWITCHJAX_KILL_SEED", time.time_ns() % 2**31))
     rng = random.Random(seed)
     points = [rng.randrange(i * calls // 3, (i + 1) * calls // 3) + 1 for i in range(3)]
     runs = {str(tmp_path / f"kill_{k}"): k for k in points}
-    procs = {w: start_worker(config, w, {"FREEZE_SAVE": f"{KILL_STEP}:{k}"})
+    procs = {w: start_worker(config, w, {"FREEZE_SAVE": f"{KILL_STEP}:{k}",
+                                         "HANG_AT_STEP": "6"})
              for w, k in runs.items()}
     for w, p in procs.items():
         wait_for(p, lambda: any(os.path.exists(os.path.join(w, m))
-                                for m in ("FROZEN", "WRITTEN")), what=f"call {runs[w]}")
+                                for m in ("FROZEN", "HANG")), what=f"call {runs[w]}")
         kill(p)
 
     report = [f"kill seed {seed}; the write of step {KILL_STEP} makes {calls} calls"]
     for w in [first, *runs]:
         frozen = os.path.join(w, "FROZEN")
-        where = _read(frozen) if os.path.exists(frozen) else "after the write"
+        where = _read(frozen) if os.path.exists(frozen) else "before step 6, after the write"
         on_disk = _checkpoint_entries(w)
         loop.train_and_evaluate(config, w)
         assert_same_run(reference, w)

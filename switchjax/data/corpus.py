@@ -239,7 +239,8 @@ def check_text_files(source: SourceFiles, globs: Sequence[str]) -> None:
 
 
 def prepare_embedded_corpus(data_dir: str, globs: Sequence[str]) -> EmbeddedText:
-    """Builds the corpus into data_dir once (array_record); later calls reuse it.
+    """Builds the corpus into data_dir once (array_record); later calls reuse it. Hosts
+    that build it at the same time into a shared data_dir all end with the first build.
 
     Returns:
       The prepared builder: `builder.as_data_source(split)` reads a split,
@@ -251,7 +252,12 @@ def prepare_embedded_corpus(data_dir: str, globs: Sequence[str]) -> EmbeddedText
     if not prepared:
         start = time.perf_counter()
         with _quiet_tfds():
-            builder.download_and_prepare(file_format="array_record")
+            try:
+                builder.download_and_prepare(file_format="array_record")
+            except FileExistsError:  # several hosts built it at once into a shared data_dir
+                builder = embedded_builder(data_dir, globs)
+                if not builder.is_prepared():
+                    raise
         logging.info("Built embedded corpus %s (%d files) in %.1f s: %s",
                      builder.builder_config.name, len(builder.builder_config.source.relpaths),
                      time.perf_counter() - start, builder.data_dir)
