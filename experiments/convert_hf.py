@@ -9,7 +9,7 @@ OUT/config.json and OUT/params; load with
 `switchjax.convert.hf_switch.load_converted(OUT)`.
 """
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import cli
 from switchjax.convert import hf_switch

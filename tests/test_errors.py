@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,7 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),  # run as a script t
                 os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 from _train_utils import (DATA_FILES, REPO, STDLIB, TWO_CHECKPOINTS, cli_args,  # noqa: E402
                           data_dir, env, reference_run, tiny_config, unprivileged)
-from switchjax.config import ReportedError, UserError  # noqa: E402
+from switchjax.config import ReportedError  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "errors.md")
 BEGIN = "<!-- begin: table generated from tests/test_errors.py -->"

@@ -43,27 +43,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from switchjax.config import ConfigError, ModelConfig, fail, model_config_dict
+from switchjax.config import ModelConfig, model_config_dict
+from switchjax.convert.hf_files import (REQUIRED_FIELDS, ConversionError,  # noqa: F401
+                                        load_weights, read_checkpoint, read_config, reject)
 from switchjax.fs import check_writable
 from switchjax.models import make_model
 
 ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 ROUTER_DTYPES = ("float32", "bfloat16")
-CHECKPOINT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json")
-BIN_FILES = ("config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
-
-
-# config.json fields the conversion reads without a default.
-REQUIRED_FIELDS = ("vocab_size", "d_model", "d_ff", "num_heads", "d_kv", "num_layers",
-                   "num_experts", "expert_capacity")
-
-
-class ConversionError(ConfigError):
-    """A checkpoint that cannot be converted exactly; the message says which part and why."""
-
-
-def _reject(field: str, value, problem: str, fix: str):
-    fail(field, value, problem, fix, error=ConversionError)
 
 
 def transformers_dropped_token_output(version: str) -> str:
@@ -75,92 +62,6 @@ def transformers_dropped_token_output(version: str) -> str:
     """
     major, minor = (int(re.match(r"\d+", p).group()) for p in version.split(".")[:2])
     return "hf" if (major, minor) < (4, 52) else "zeros"
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _is_local(model: str) -> bool:
-    """A path (absolute, relative with ./ or ~, or existing) rather than a hub name."""
-    return os.path.exists(model) or model.startswith(("/", ".", "~")) or model.count("/") > 1
-
-
-def read_config(model: str) -> dict:
-    """config.json of a local directory or hub name (only that file is downloaded)."""
-    if _is_local(model):
-        if not os.path.isdir(os.path.expanduser(model)):
-            _reject("--model", model, "no such directory", "pass the directory written by "
-                    "save_pretrained, or a hub name such as google/switch-base-8")
-        path = os.path.join(os.path.expanduser(model), "config.json")
-        if not os.path.isfile(path):
-            _reject("--model", model, "the directory has no config.json", "pass the directory "
-                    "written by save_pretrained (config.json and the weights)")
-    else:
-        path = os.path.join(_hub(model, "config.json"), "config.json")
-    with open(path) as f:
-        text = f.read()
-    try:
-        hf = json.loads(text)
-    except ValueError as e:
-        _reject("--model", model, f"{path} is not valid JSON ({e})",
-                "pass an intact checkpoint directory")
-    if not isinstance(hf, dict):
-        _reject("--model", model, f"{path} holds no JSON object", "pass an intact checkpoint")
-    return hf
-
-
-def read_checkpoint(model: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json as a dict, {name: float32 array}) of a local dir or hub name."""
-    hf = read_config(model)
-    return hf, _load_weights(os.path.expanduser(model) if _is_local(model) else _download(model))
-
-
-def _hub(name: str, *patterns: str) -> str:
-    """The local snapshot of the files of hub model `name` that match `patterns`."""
-    try:
-        import huggingface_hub
-    except ImportError:
-        _reject("--model", name, "not a local directory, and huggingface_hub (to download "
-                "it) is not installed", "pip install switchjax[hf], or pass a directory")
-    try:
-        return huggingface_hub.snapshot_download(name, allow_patterns=list(patterns))
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, ...
-        _reject("--model", name, f"cannot download it ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]})", "check the name and the network, or "
-                "pass a local directory")
-
-
-def _download(name: str) -> str:
-    directory = _hub(name, *CHECKPOINT_FILES)
-    if not any(f.endswith(".safetensors") for f in os.listdir(directory)):
-        directory = _hub(name, *BIN_FILES)
-    return directory
-
-
-def _load_weights(directory: str) -> dict[str, np.ndarray]:
-    import torch  # the [hf] extra
-
-    def files(single: str) -> list[str]:
-        index = os.path.join(directory, single + ".index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                shards = json.load(f)["weight_map"].values()
-            return sorted({os.path.join(directory, v) for v in shards})
-        path = os.path.join(directory, single)
-        return [path] if os.path.exists(path) else []
-
-    tensors = {}
-    if shards := files("model.safetensors"):
-        from safetensors.torch import load_file
-        for shard in shards:
-            tensors.update(load_file(shard))
-    elif shards := files("pytorch_model.bin"):
-        for shard in shards:
-            tensors.update(torch.load(shard, map_location="cpu", weights_only=True))
-    else:
-        _reject("--model", directory, "holds no model.safetensors or pytorch_model.bin (nor "
-                "their .index.json)", "pass the directory written by save_pretrained")
-    return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
 
 
 # ----------------------------------------------------------------------------- config
@@ -187,27 +88,26 @@ def _layer_spec(indices: tuple[int, ...], n: int) -> str:
 
 def switchjax_config(hf: dict, *, dropped_token_output: str = "zeros") -> ml_collections.ConfigDict:
     """ConfigDict {'model', 'moe'} that reproduces a transformers SwitchTransformers config."""
-    def reject(field, problem, fix="convert an unmodified google/switch-* checkpoint"):
-        _reject(f"config.json:{field}", hf.get(field), problem, fix)
+    def bad(field, problem, fix="convert an unmodified google/switch-* checkpoint"):
+        reject(f"config.json:{field}", hf.get(field), problem, fix)
 
     if hf.get("model_type") != "switch_transformers":
-        reject("model_type", "not a SwitchTransformers checkpoint (model_type "
-               "'switch_transformers')", "convert a google/switch-* checkpoint")
+        bad("model_type", "not a SwitchTransformers checkpoint (model_type "
+            "'switch_transformers')", "convert a google/switch-* checkpoint")
     for field in REQUIRED_FIELDS:
         if not isinstance(hf.get(field), int) or isinstance(hf.get(field), bool):
-            reject(field, "missing" if field not in hf else "must be an integer",
-                   f"a SwitchTransformers config.json has all of {list(REQUIRED_FIELDS)}")
+            bad(field, "missing" if field not in hf else "must be an integer",
+                f"a SwitchTransformers config.json has all of {list(REQUIRED_FIELDS)}")
     if not hf.get("is_encoder_decoder", True):
-        reject("is_encoder_decoder", "only the encoder-decoder models convert")
+        bad("is_encoder_decoder", "only the encoder-decoder models convert")
     if hf.get("router_bias", False):
-        reject("router_bias", "switchjax routers have no bias; converting would change routing")
+        bad("router_bias", "switchjax routers have no bias; converting would change routing")
     if hf.get("dense_act_fn", "relu") not in ACTIVATIONS:
-        reject("dense_act_fn", "no exact switchjax equivalent",
-               f"use one of {list(ACTIVATIONS)}")
+        bad("dense_act_fn", "no exact switchjax equivalent", f"use one of {list(ACTIVATIONS)}")
     if hf.get("router_dtype", "float32") not in ROUTER_DTYPES:
-        reject("router_dtype", "not a router dtype switchjax has", f"use one of {ROUTER_DTYPES}")
+        bad("router_dtype", "not a router dtype switchjax has", f"use one of {ROUTER_DTYPES}")
     if hf["expert_capacity"] < 1:
-        reject("expert_capacity", "must be >= 1", "set the capacity the model was trained with")
+        bad("expert_capacity", "must be >= 1", "set the capacity the model was trained with")
     n_enc = hf["num_layers"]
     n_dec = hf.get("num_decoder_layers") or n_enc
     dropout = float(hf.get("dropout_rate", 0.0))
@@ -377,7 +277,7 @@ def convert(model: str, out_dir: str, *, dropped_token_output: str = "zeros",
     hf = read_config(model)
     config = switchjax_config(hf, dropped_token_output=dropped_token_output)
     cfg = ModelConfig.from_config(config)
-    tensors = _load_weights(os.path.expanduser(model) if _is_local(model) else _download(model))
+    tensors = load_weights(model)
     params = convert_params(hf, tensors, cfg)
     source = {"model": model, "transformers_version": hf.get("transformers_version")}
     save_converted(out_dir, config, params, source=source, overwrite=overwrite)
@@ -401,7 +301,7 @@ def save_converted(out_dir: str, config: ml_collections.ConfigDict, params: dict
 def _check_out(out_dir: str, overwrite: bool) -> str:
     """The absolute, writable out_dir; an error if it holds params and not `overwrite`."""
     if os.path.exists(os.path.join(os.path.expanduser(out_dir), "params")) and not overwrite:
-        _reject("--out", out_dir, "already holds converted params",
+        reject("--out", out_dir, "already holds converted params",
                 "pass --overwrite (overwrite=True) or choose another directory")
     return check_writable("--out", out_dir, "choose a writable output directory")
 
@@ -409,7 +309,7 @@ def _check_out(out_dir: str, overwrite: bool) -> str:
 def load_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
-        _reject("directory", directory, "holds no config.json",
+        reject("directory", directory, "holds no config.json",
                 "pass the --out directory of experiments/convert_hf.py")
     with open(path) as f:
         raw = json.load(f)

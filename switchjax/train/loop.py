@@ -1,9 +1,10 @@
 """`train_and_evaluate(config, workdir)`: validate, build, restore, train, evaluate, save.
 
-Everything that can be checked is checked before anything compiles:
-model/moe (`ModelConfig.from_config`), train fields, data config, objective vs
-model family, mesh vs devices/model/batch, group sizes, and the tokenizer's
-vocabulary vs `model.vocab_size`.
+Everything that can be checked is checked before anything compiles
+(validate.py): the run directory is writable, model/moe (`ModelConfig.from_config`),
+train, mesh and data fields (the data_dir, the files, the SentencePiece model
+included), objective vs model family, mesh vs devices/model/batch, group sizes, and
+the tokenizer's vocabulary vs `model.vocab_size`.
 
 Step numbers count completed optimizer steps: step s is the s-th update, and
 the state saved as checkpoint s has `state.step == s`. Every step's metrics
@@ -13,7 +14,7 @@ the state is saved: a non-finite loss or gradient raises `NonFiniteError`
 naming the step and the first bad quantity, after pending checkpoint writes
 have finished, so the last good checkpoint stays intact.
 
-Stops that leave a checkpoint to resume from exactly:
+Stops that leave a checkpoint to resume from exactly (stops.py):
   SIGTERM (a preemption notice): the step in flight finishes, its checkpoint is
     written, then `Preempted` is raised (with several processes, JAX's preemption
     sync point picks the step all of them save);
@@ -29,8 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from typing import Optional
 
@@ -41,19 +40,21 @@ from jax.experimental import multihost_utils
 
 from switchjax import flops
 from switchjax import sharding as sharding_lib
-from switchjax.config import ModelConfig, ReportedError, check_groups, fail
+from switchjax.config import fail
+from switchjax.data import source as source_lib
 from switchjax.fs import check_writable
 from switchjax.models import make_model
 from switchjax.train import checkpoint as checkpoint_lib
 from switchjax.train import metrics as metrics_lib
+from switchjax.train import stops
 from switchjax.train.optimizer import make_optimizer, make_schedule
 from switchjax.train.state import create_train_state, dummy_batch, state_shardings
 from switchjax.train.step import jit_eval_step, jit_train_step
-from switchjax.data import source as source_lib
-from switchjax.data.source import DataError
-from switchjax.train.train_config import validate_train_config
+from switchjax.train.stops import (DataError, NonFiniteError, Preempted,  # noqa: F401
+                                   first_non_finite, moe_layer_names)
+from switchjax.train.validate import (SECTIONS, batch_lengths, validate_config,  # noqa: F401
+                                      validate_devices)
 
-SECTIONS = ("model", "moe", "data", "train", "mesh", "seed")
 FINAL = "final_metrics.json"
 CONFIG_JSON = "config.json"
 DONE = "DONE"
@@ -61,88 +62,9 @@ DONE = "DONE"
 _TOKEN_WEIGHTED = ("task_loss", "accuracy", "logit_z_loss")
 
 
-class NonFiniteError(ReportedError, FloatingPointError):
-    """A loss or gradient norm became NaN/inf; the message names the step and quantity."""
-
-
-class Preempted(ReportedError):
-    """SIGTERM arrived; the checkpoint of the step named in the message was written."""
-
-    exit_status = 128 + signal.SIGTERM
-
-
 def _data():  # imported lazily: the data package pulls in tensorflow_datasets
     import switchjax.data as data_lib
     return data_lib
-
-
-def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """Checks model, moe, train and data sections (no devices, no compiling)."""
-    missing = [s for s in SECTIONS if s not in config]
-    unknown = sorted(set(config.keys()) - set(SECTIONS))
-    if missing or unknown:
-        fail("config sections", sorted(config.keys()), f"missing {missing}, unknown {unknown}",
-             f"a config has exactly {SECTIONS}")
-    cfg = ModelConfig.from_config(config)
-    validate_train_config(config.train)
-    sharding_lib.validate_mesh_config(config.mesh)
-    data = config.data
-    for name, seed in (("seed", config.seed), ("data.shuffle_seed", data.shuffle_seed)):
-        if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
-            fail(name, seed, "must be an integer >= 0", "e.g. 0")
-    _data().validate_data_config(data)
-    wanted = "span_corruption" if cfg.family == "encoder_decoder" else "causal_lm"
-    if data.objective != wanted:
-        fail("data.objective", data.objective, f"does not fit model.family={cfg.family!r}",
-             f"use data.objective={wanted!r}")
-    if cfg.num_moe_layers:
-        check_groups(cfg.moe.group_size, config.train.batch_size // config.train.accum_steps,
-                     batch_lengths(cfg, data))
-    return cfg
-
-
-def batch_lengths(cfg: ModelConfig, data) -> list[int]:
-    """Sequence lengths of a batch: targets, and inputs for the encoder-decoder."""
-    return [data.targets_length] + ([data.inputs_length]
-                                    if cfg.family == "encoder_decoder" else [])
-
-
-def _validate_devices(cfg: ModelConfig, config, mesh, rules) -> None:
-    train = config.train
-    lengths = batch_lengths(cfg, config.data)
-    micro = train.batch_size // train.accum_steps
-    sharding_lib.validate_mesh(cfg, mesh, train.batch_size, rules)
-    if train.batch_size % jax.process_count():
-        fail("train.batch_size", train.batch_size, f"is not divisible by the "
-             f"{jax.process_count()} processes", f"use a multiple of {jax.process_count()}")
-    shards = mesh.shape["data"] * mesh.shape["expert"]
-    if micro % shards:
-        fail("train.accum_steps", train.accum_steps, f"microbatches of {micro} rows do not "
-             f"split over mesh data x expert = {shards}",
-             f"use train.batch_size divisible by {shards * train.accum_steps}")
-    sharding_lib.validate_mesh(cfg, mesh, micro, rules, lengths)  # groups of a microbatch
-    sharding_lib.process_batch_rows(mesh, train.batch_size)  # each host's rows are contiguous
-
-
-def moe_layer_names(cfg: ModelConfig) -> list[tuple[str, int]]:
-    """(stack, layer index) of each MoE layer, in the order of the stats arrays."""
-    stacks = (["encoder"] if cfg.family == "encoder_decoder" else []) + ["decoder"]
-    return [(s, i) for s in stacks for i in cfg.moe_layer_indices(s)]
-
-
-def first_non_finite(m: dict, cfg: ModelConfig) -> list[str]:
-    """Names of non-finite quantities, first in computation order (MoE layers first)."""
-    bad = []
-    for j, (stack, index) in enumerate(moe_layer_names(cfg)):
-        for key, what in (("aux_loss_per_layer", "aux loss"), ("router_z_loss_per_layer",
-                                                              "router z-loss")):
-            if key in m and not np.isfinite(m[key][j]):
-                bad.append(f"{what} of MoE layer {j} ({stack} layer_{index})")
-    for key in ("task_loss", "logit_z_loss", "aux_loss", "router_z_loss", "total_loss",
-                "grad_norm"):
-        if key in m and not np.all(np.isfinite(m[key])):
-            bad.append(key)
-    return bad
 
 
 def _mean(records: list[dict], weights=None) -> dict:
@@ -181,7 +103,7 @@ class _Run:
         sharding_lib.maybe_initialize_distributed(config.mesh)
         self.mesh = sharding_lib.make_mesh(config.mesh)
         self.rules = sharding_lib.logical_rules(config.mesh)
-        _validate_devices(self.cfg, config, self.mesh, self.rules)
+        validate_devices(self.cfg, config, self.mesh, self.rules)
         data = config.data
         self.tokenizer = _data().make_tokenizer(data)
         if self.cfg.vocab_size < self.tokenizer.vocab_size:
@@ -321,7 +243,7 @@ class _Training:
         t = self.run.config.train
         if start_step == 0:  # the loss at initialisation, as the first point of the curve
             self.evaluate(state, 0)
-        with _PreemptionNotice() as notice:
+        with stops.PreemptionNotice() as notice:
             for step in range(start_step + 1, t.num_train_steps + 1):
                 batch = self.next_batch(state, step)
                 state, metrics = self.train_step(state, batch, self.rng)
@@ -338,7 +260,7 @@ class _Training:
                     self.ckpt.save(step, state, self.run.train_iter, self.run.config)
                 if preempted:
                     self.ckpt.wait()
-                    raise Preempted(f"{notice.signal_name} received: stopped after step {step} "
+                    raise stops.Preempted(f"{notice.signal_name} received: stopped after step {step} "
                                     f"and wrote its checkpoint to {self.ckpt.directory}. "
                                     "Rerun the same command to resume from there.")
                 if eval_now:
@@ -360,7 +282,7 @@ class _Training:
         except Exception as e:  # noqa: BLE001 - saved, then reported or re-raised below
             saved = self._save_before_stop(state, step - 1,
                                            checkpoint_lib.IteratorPosition(position))
-            data_error = next((c for c in _causes(e) if isinstance(c, DataError)), None)
+            data_error = stops.data_error_in(e)
             if data_error is None:
                 raise
             where = (f"checkpoint step {step - 1} in {self.ckpt.directory} holds the state and "
@@ -427,46 +349,6 @@ class _Training:
                   f"{result['accuracy']:.4f}{extra}", flush=True)
         self.progress.exclude(time.perf_counter() - paused)
         return result
-
-
-def _causes(error: BaseException) -> list[BaseException]:
-    out = []
-    while error is not None and error not in out:
-        out.append(error)
-        error = error.__cause__ or error.__context__
-    return out
-
-
-class _PreemptionNotice:
-    """SIGTERM as a preemption notice, checked once per step (`reached(step)`).
-
-    One process: a handler (installed while training, the previous one restored after)
-    records the signal. Several processes: JAX's preemption sync manager catches SIGTERM
-    on any of them and `multihost_utils.reached_preemption_sync_point` tells all of them
-    the same step to save at."""
-
-    signal_name = "SIGTERM"
-
-    def __enter__(self):
-        self.received, self.previous = False, None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        del signum, frame
-        self.received = True
-        logging.warning("SIGTERM received: stopping after this step and saving a checkpoint.")
-
-    def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.received
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-        return False
 
 
 def _write_final(run: _Run, state, training: _Training, start_time: float) -> dict:
