@@ -56,9 +56,11 @@ def _flag_error(argv: Sequence[str], error: Exception) -> str:
         last = str(error).strip().splitlines()[-1]
         return f"the config file failed: {' '.join(last.split())}"
     flag = re.match(r"flag (--[\w.-]+)=(.*?): (.*)", text)
+    if flag and "must have a value other than None" in text:  # a required flag
+        return f"{flag.group(1)} is required. Fix: pass {flag.group(1)}=..."
     if flag:  # a value absl or ml_collections cannot parse
-        return (f"{flag.group(1)}={flag.group(2)!r}: {flag.group(3)}. Fix: give a value of the "
-                "flag's type")
+        return (f"{flag.group(1)}={flag.group(2)!r}: {flag.group(3).rstrip('.')}. Fix: give a "
+                "value of the flag's type")
     if isinstance(error, (KeyError, AttributeError)):  # --config.<no such field>=...
         found = re.search(r"'([A-Za-z_]\w*)\\?'", text)
         key = found.group(1) if found else text

@@ -44,10 +44,15 @@ class ConfigError(UserError, ValueError):
     and the fix."""
 
 
+def message(field: str, value, problem: str, fix: str) -> str:
+    """`<field>=<value>: <problem>. Fix: <fix>.`: the one message style of user errors."""
+    return f"{field}={value!r}: {problem}. Fix: {fix}."
+
+
 def fail(field: str, value, problem: str, fix: str, error: type = ConfigError):
-    """Raises `error("<field>=<value>: <problem>. Fix: <fix>.")` (a ConfigError unless
-    told): the one message style of every check of user input."""
-    raise error(f"{field}={value!r}: {problem}. Fix: {fix}.")
+    """Raises `error(message(field, value, problem, fix))` (a ConfigError unless told):
+    every check of user input fails through here."""
+    raise error(message(field, value, problem, fix))
 
 
 def check_types(section: str, values: Mapping, defaults: Mapping) -> None:

@@ -267,6 +267,25 @@ def _wrong_shapes(ctx):
     return _restore_latest(ctx, workdir, jax.tree_util.tree_map_with_path(widen, run.abstract))
 
 
+def _disk_full(ctx):
+    """A run of the checkpointed config whose write of step 4 finds the disk full."""
+    import builtins
+    from switchjax.train import loop
+    workdir = ctx.path("runs", "disk_full")
+    target, real_open = os.path.join(workdir, "checkpoints", "4."), builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax") and str(file).startswith(target):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = full_open
+    try:
+        return _message(lambda: loop.train_and_evaluate(tiny_config(**ctx.CKPT), workdir))
+    finally:
+        builtins.open = real_open
+
+
 def _another_config(ctx):
     from switchjax.train import loop
     workdir = ctx.checkpointed("another_config")
@@ -531,6 +550,12 @@ CASES = [
                    'is bad). Fix: if the storage refused the read, make it readable and rerun; if '
                    'the arrays do not fit the model, rerun with the config they were written with '
                    'or use a new --workdir.'))),
+    Case("checkpoint", "the disk fills up while checkpoint step 4 is written (ENOSPC)",
+         _disk_full,
+         message=("checkpoint='{tmp}/runs/disk_full/checkpoints/4': could not be written: No "
+                  "space left on device; the newest complete checkpoint, step 2, is intact. "
+                  "Fix: free space on that disk or make the directory writable (or use a "
+                  "--workdir elsewhere), then rerun the same command: it resumes from step 2.")),
     Case("checkpoint", "`--workdir` holding checkpoints of another config", _another_config,
          message=("--workdir='{tmp}/runs/another_config': holds checkpoints of another config: "
                   'moe.capacity_factor_train: 1.25 -> 0.5. Fix: rerun with the values they were '

@@ -146,10 +146,11 @@ def test_full_disk_during_a_write_stops_cleanly_and_keeps_the_previous(how, tmp_
         with pytest.raises(checkpoint.CheckpointWriteError) as e:
             loop.train_and_evaluate(config, workdir)
         message = str(e.value)
-        assert message.startswith(f"checkpoint step {KILL_STEP} could not be written to "), message
-        assert "No space left on device" in message, message
-        assert "The newest complete checkpoint, step 2, is intact" in message, message
-        assert "it resumes from step 2." in message
+        step_dir = os.path.join(os.path.abspath(workdir), "checkpoints", str(KILL_STEP))
+        assert message.startswith(f"checkpoint={step_dir!r}: could not be written: No space "
+                                  "left on device; "), message
+        assert "; the newest complete checkpoint, step 2, is intact. Fix: " in message, message
+        assert message.endswith("then rerun the same command: it resumes from step 2.")
         assert [s for s in _checkpoint_entries(workdir) if s.isdigit()] == ["2"]
         monkeypatch.undo()  # space freed
         if how == "tmpfs":

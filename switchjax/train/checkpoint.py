@@ -43,7 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from switchjax.config import UserError, fail
+from switchjax.config import UserError, fail, message
 from switchjax.train import checkpoint_faults as faults
 
 ITEMS = ("state", "data", "config")
@@ -163,8 +163,9 @@ class Checkpointer:
                 state=ocp.args.StandardSave(state),
                 data=grain.checkpoint.CheckpointSave(data_iterator),
                 config=ocp.args.JsonSave(config_json(config))), force=True)
-        except Exception as e:  # noqa: BLE001
-            raise self._write_error(e, step) from e
+        except Exception as e:  # noqa: BLE001 - reported if the storage refused it
+            self._raise_write_error(e, step)
+            raise
         self._writing = step
         return started
 
@@ -174,29 +175,31 @@ class Checkpointer:
         self._raise_if_failed()
         try:
             self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
-            raise self._write_error(e, self._writing) from e
+        except Exception as e:  # noqa: BLE001 - reported if the storage refused it
+            self._raise_write_error(e, self._writing)
+            raise
         self._writing = None
 
     def _raise_if_failed(self) -> None:
         if self._failed is not None:
             raise self._failed
 
-    def _write_error(self, error: BaseException, step: Optional[int]) -> BaseException:
-        """CheckpointWriteError for a write the storage refused; other errors as they are."""
+    def _raise_write_error(self, error: BaseException, step: Optional[int]) -> None:
+        """Raises CheckpointWriteError if the storage refused the write of `step` (and
+        keeps it for `close`); returns for any other error."""
         reason = faults.write_failure(error)
         if reason is None:
-            return error
+            return
         self.manager.reload()
         done = [s for s in self.manager.all_steps() if s != step]
-        self._failed = CheckpointWriteError(
-            f"checkpoint step {step} could not be written to {self.directory}: {reason}. "
-            + (f"The newest complete checkpoint, step {max(done)}, is intact"
-               if done else "No complete checkpoint was written before")
-            + ". Fix: free space on that disk or make the directory writable (or use a "
-            "--workdir elsewhere), then rerun the same command"
-            + (f": it resumes from step {max(done)}." if done else "."))
-        return self._failed
+        intact = (f"the newest complete checkpoint, step {max(done)}, is intact" if done
+                  else "no complete checkpoint was written before")
+        self._failed = CheckpointWriteError(message(
+            "checkpoint", self.step_dir(step), f"could not be written: {reason}; {intact}",
+            "free space on that disk or make the directory writable (or use a --workdir "
+            "elsewhere), then rerun the same command"
+            + (f": it resumes from step {max(done)}" if done else "")))
+        raise self._failed from error
 
     def saved_config(self) -> Optional[dict]:
         """The config JSON of the newest step with a readable one (None if no step has)."""

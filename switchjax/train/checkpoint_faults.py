@@ -166,9 +166,9 @@ def diagnose_read(step_dir: str, error: BaseException, process_index: int = 0,
 
 
 def write_failure(error: BaseException) -> Optional[str]:
-    """A one-line reason if a failed save was the storage refusing the write (full disk,
-    quota, read-only or vanished directory, permissions), else None."""
+    """The reason if a failed save was the storage refusing the write (full disk, quota,
+    read-only or vanished directory, permissions: the OS error's text), else None."""
     code = os_errno(error)
     if code is not None:
-        return f"{os.strerror(code)} ({summary(error, 240)})"
+        return os.strerror(code)
     return _environment(error)
