@@ -206,6 +206,7 @@ class ModelConfig:
         self._validate_relative_attention()
         if self.num_moe_layers:
             self._validate_moe()
+            self._validate_moe_options()
             self._validate_moe_coefficients()
 
     def _validate_types(self) -> None:
@@ -237,6 +238,7 @@ class ModelConfig:
             self.moe_layer_indices(stack)  # raises on a bad spec
 
     def _validate_moe(self) -> None:
+        """Router, dispatch, kernel, experts and K, and which of them go together."""
         m = self.moe
         if m.router not in ROUTERS:
             fail("moe.router", m.router, "unknown router", f"use one of {ROUTERS}")
@@ -271,6 +273,10 @@ class ModelConfig:
             fail("moe.dispatch", m.dispatch,
                   "the ragged dispatch runs token-choice routing (top1, topk, dropless)",
                   "use moe.dispatch='gather' or 'einsum' with expert choice")
+
+    def _validate_moe_options(self) -> None:
+        """Capacity, group sizes, noise, dtypes, dropped tokens, causality."""
+        m = self.moe
         for name in ("capacity_factor_train", "capacity_factor_eval"):
             if getattr(m, name) <= 0:
                 fail(f"moe.{name}", getattr(m, name), "must be > 0",

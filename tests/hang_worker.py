@@ -27,9 +27,11 @@ WATCHED = ("/orbax/", "/etils/epath/", "/grain/", os.path.join("switchjax", "tra
 
 
 def _write(workdir: str, name: str, text: str) -> None:
-    with open(os.path.join(workdir, name + ".tmp"), "w") as f:
+    """Writes workdir/name atomically (several processes may write the same marker)."""
+    tmp = os.path.join(workdir, f"{name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
         f.write(text)
-    os.replace(os.path.join(workdir, name + ".tmp"), os.path.join(workdir, name))
+    os.replace(tmp, os.path.join(workdir, name))
 
 
 def _sleep_forever():

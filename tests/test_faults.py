@@ -159,7 +159,7 @@ def test_full_disk_during_a_write_stops_cleanly_and_keeps_the_previous(how, tmp_
         assert_same_run(reference, workdir)  # step 2 was intact: the rerun is exact
     finally:
         if how == "tmpfs":
-            subprocess.run(["umount", mounted], capture_output=True)
+            subprocess.run(["umount", "-l", mounted], capture_output=True)
     print(f"\n{how} ENOSPC: {message}")
 
 
