@@ -15,7 +15,6 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import cli  # noqa: E402
-
 from switchjax.train import train_and_evaluate  # noqa: E402
 from switchjax.train.metrics import setup_console_logging  # noqa: E402
 
