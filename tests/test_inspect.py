@@ -48,7 +48,7 @@ def test_inspect_trained_run(tmp_path, capsys):
     top = json.loads((tmp_path / "png" / "text.json").read_text())
     assert list(top) == names and all(len(experts) == num_experts for experts in top.values())
 
-    with pytest.raises(ConfigError, match="--text=' \\n': is empty. Fix"):
+    with pytest.raises(ConfigError, match=re.escape("--text=' \\n': is empty. Fix")):
         inspect_cli.main(["--workdir", workdir, "--text", " \n"])
     with pytest.raises(CheckpointError, match="--step=3: no such checkpoint"):
         inspect_cli.main(["--workdir", workdir, "--text", TEXT, "--step", "3"])
