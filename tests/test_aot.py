@@ -151,6 +151,12 @@ def test_collectives_parser():
   ROOT %c = pred[] constant(true)
 }
 
+%cond2 (p: (s32[], f32[8])) -> pred[] {
+  %n = s32[]{:T(128)} constant(5)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
+}
+
 %wrapped (a: bf16[4,2,16]) -> bf16[4,2,16] {
   %a = bf16[4,2,16]{2,1,0} parameter(0)
   ROOT %a2a = bf16[4,2,16]{2,1,0:T(2,128)} all-to-all(%a), dimensions={0}
@@ -160,6 +166,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   %a = f32[8]{0} parameter(0)
   %ar = (f32[8]{0}, /*index=1*/bf16[2,3]{1,0}) all-reduce(%a, %a), to_apply=%add
   %w = (s32[], f32[8]{0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %w2 = (s32[], f32[8]{0}) while(%t1), condition=%cond2, body=%body
   %s = ((bf16[4,2,16]), bf16[4,2,16], u32[]) async-start(%b), calls=%wrapped
   %d = bf16[4,2,16]{2,1,0} async-done(%s), calls=%wrapped
   ROOT %r = f32[8]{0} add(%a, %a)
@@ -167,7 +174,8 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 """
     c = hlo.collectives(text)
     assert c["all-reduce"] == {"count": 1, "bytes": 8 * 4 + 6 * 2}
-    assert c["all-gather"] == {"count": 3, "bytes": 3 * 32 * 4}  # the loop body runs 3 times
+    # The loop bodies run 3 (recorded) + 5 (i < 5 from 0, as jax.lax.scan lowers) times.
+    assert c["all-gather"] == {"count": 3 + 5, "bytes": (3 + 5) * 32 * 4}
     assert c["all-to-all"] == {"count": 1, "bytes": 4 * 2 * 16 * 2}
     assert c["reduce-scatter"]["count"] == 0 and c["unknown_trip_counts"] == 0
 

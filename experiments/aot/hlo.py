@@ -7,9 +7,11 @@ Pure text parsing, no JAX. An instruction line reads
 
 `collectives(text)` counts, per kind, the collective instructions executed by one
 run of the entry computation and the bytes of their results (per device: the
-program is the per-device SPMD program). A while loop's body counts
-`known_trip_count` times (XLA records it in the loop's backend_config; 1 where it
-is unknown, reported as `unknown_trip_counts`). An asynchronous collective counts
+program is the per-device SPMD program). A while loop's body counts its trip
+count times: `known_trip_count` where XLA records it in the loop's backend_config,
+else N for a condition `counter < N` with an integer constant N (how `jax.lax.scan`
+and `fori_loop` lower: the counter starts at 0 and steps by 1); 1 where neither
+applies, reported as `unknown_trip_counts`. An asynchronous collective counts
 once, at its `-start`, with the bytes of its `-done`; one wrapped in
 `async-start` counts through its called computation.
 """
@@ -83,6 +85,21 @@ def _parse(text: str) -> tuple[Optional[str], dict]:
     return entry, comps
 
 
+def trip_count(while_tail: str, comps: dict) -> Optional[int]:
+    """Iterations of a while loop (see the module doc), None where it is not evident."""
+    known = _TRIP.search(while_tail)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", while_tail)
+    instrs = comps.get(cond.group(1), []) if cond else []
+    consts = [int(c.group(1)) for op, shape, tail in instrs if op == "constant"
+              and re.match(r"[su](32|64)\[\]", shape) and (c := re.match(r"constant\((\d+)\)", tail))]
+    compares = [tail for op, _, tail in instrs if op == "compare"]
+    if len(consts) == 1 and len(compares) == 1 and "direction=LT" in compares[0]:
+        return consts[0]
+    return None
+
+
 def collectives(text: str) -> dict:
     """{kind: {'count': n, 'bytes': b}} for each kind in KINDS, per run of the entry
     computation, plus 'unknown_trip_counts': loops whose trip count XLA did not record."""
@@ -105,8 +122,8 @@ def collectives(text: str) -> dict:
                 continue  # the async-start carries the called computation once
             times = 1
             if op == "while":
-                trip = _TRIP.search(tail)
-                times = int(trip.group(1)) if trip else 1
+                trip = trip_count(tail, comps)
+                times = trip or 1
                 unknown[0] += trip is None
             for group in _CALLEES.findall(tail):
                 for callee in re.findall(r"%?([\w.\-]+)", group):

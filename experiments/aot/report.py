@@ -48,8 +48,13 @@ def report(r: dict, e: dict) -> str:
         lines.append("collectives per step and device: " + _collective_summary(r["collectives"])
                      + (f" ({r['collectives']['unknown_trip_counts']} loops of unknown trip "
                         "count counted once)" if r["collectives"]["unknown_trip_counts"] else ""))
-        lines.append(f"FLOPs per step: XLA {e['xla_flops']:.4g} (cost analysis x devices), "
-                     f"flops.py {e['executed_flops']:.4g} as executed "
+        if e.get("xla_counts_loop_once"):
+            lines.append(f"FLOPs per step: flops.py {e['executed_flops']:.4g} as executed, "
+                         f"model {e['model_flops']:.4g}; XLA's {e['xla_flops']:.4g} counts the "
+                         f"{r['accum_steps']}-microbatch loop once: no comparison or roofline")
+        else:
+            lines.append(f"FLOPs per step: XLA {e['xla_flops']:.4g} (cost analysis x devices), "
+                         f"flops.py {e['executed_flops']:.4g} as executed "
                      f"({e['xla_vs_executed']:+.1%}), model {e['model_flops']:.4g} "
                      f"(k = {e['experts_per_token']:g} experts per token)")
         if "step_time_bound" in e:
