@@ -12,32 +12,21 @@ import json
 import os
 import sysconfig
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import decoder_moe
+from test_decoding import random_params
 from experiments import generate as cli
 from switchjax.config import ModelConfig, model_config_dict
-from switchjax.convert.hf_switch import save_converted
+from switchjax.convert.hf_switch import load_converted, save_converted
 from switchjax.data.tokenizer import train_sentencepiece
 from switchjax.decoding import DecodeOptions, generate, pad_prompts
-from switchjax.models import make_model
 from switchjax.train.checkpoint import config_json
 
 PROMPTS = [[5, 9, 12, 40], [7], [33, 2, 18], [60, 61, 62, 63, 3, 4, 5]]
-
-
-def init(cfg: ModelConfig):
-    batch = {"decoder_input_tokens": jnp.ones((1, 4), jnp.int32),
-             "encoder_input_tokens": jnp.ones((1, 4), jnp.int32)}
-    params = jax.jit(lambda r: nn.meta.unbox(make_model(cfg).init(r, batch)["params"]))(
-        jax.random.key(0))
-    return jax.tree.map(np.asarray, params)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +36,11 @@ def converted(tmp_path_factory):
         "model.vocab_size": 64, "model.d_model": 16, "model.d_ff": 32, "model.num_heads": 2,
         "model.head_dim": 8, "model.num_encoder_layers": 1, "model.num_decoder_layers": 2,
         "model.encoder_moe_layers": "all", "model.decoder_moe_layers": "1",
-        "moe.num_experts": 4, "moe.dispatch": "einsum", "moe.fixed_capacity": 2})
+        "moe.num_experts": 4, "moe.dispatch": "einsum", "moe.fixed_capacity": 2,
+        "moe.expert_kernel": "xla"})  # compiles faster than the CPU kernels
     config = ml_collections.ConfigDict({"model": model, "moe": moe})
     cfg = ModelConfig.from_config(config)
-    params = init(cfg)
+    params = random_params(cfg)
     out = str(tmp_path_factory.mktemp("generate") / "converted")
     save_converted(out, config, params)
     return out, cfg, params
@@ -64,7 +54,8 @@ def errors(capsys, argv) -> str:
 
 
 def test_converted_checkpoint_ids_jsonl_and_report(converted, tmp_path, capsys):
-    out_dir, cfg, params = converted
+    out_dir, cfg, _ = converted
+    params = load_converted(out_dir)[1]  # as the CLI loads them (same compiled function)
     path = str(tmp_path / "prompts.jsonl")
     with open(path, "w") as f:
         for ids in PROMPTS[2:]:
@@ -121,11 +112,12 @@ def test_run_directory_text_prompts(tmp_path, capsys):
     config = decoder_moe.get_config("smoke")
     config.model.vocab_size, config.data.vocab_size = 512, 512
     config.data.num_extra_ids, config.data.spm_path = 0, str(spm)
+    config.moe.expert_kernel = "xla"
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps(config_json(config)))
     cfg = ModelConfig.from_config(config)
-    params = init(cfg)
+    params = random_params(cfg)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(str(workdir / "checkpoints" / "3" / "state"),
                           {"step": np.int32(3), "params": params})

@@ -18,8 +18,9 @@ layer, written at `DecodeState.index` (see `layers.Attention`):
 Routing: the encoder and (`prefill_routing='training'`) a decoder-only prompt are
 routed as in training (`moe.group_size`, eval capacity for the padded length;
 padding takes no slot); every fed decoder token in `step` is its own routing group
-(never dropped, as transformers' `generate` with its cache). A finished row feeds
-its token with segment id 0: it takes no expert slot and attends to nothing.
+(never dropped, as transformers' `generate` with its cache), run through the
+ragged dispatch (`alone_config`). A finished row feeds its token with segment id
+0: it takes no expert slot and attends to nothing.
 """
 from __future__ import annotations
 
@@ -59,6 +60,14 @@ class DecodeState:
 
 def with_group_size(cfg: ModelConfig, group_size: int) -> ModelConfig:
     return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, group_size=group_size))
+
+
+def alone_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` routing every token alone (groups of 1) through the ragged dispatch, which
+    computes just each token's K experts: a group of one token never drops, and then
+    every dispatch gives the same result (the capacity ones would run all E slots)."""
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, group_size=1,
+                                                            dispatch="ragged"))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -149,14 +158,14 @@ def prefill(cfg: ModelConfig, variables, prompts_BL: jax.Array, max_new_tokens: 
         state = DecodeState(cache={}, segment_ids=jnp.ones((B, 1 + max_new_tokens), jnp.int32),
                             index=jnp.zeros((), jnp.int32), encoder_segment_ids=enc_seg)
         start = jnp.full((B, 1), start_id, jnp.int32)
-        logits, state, _ = _decoder_call(with_group_size(cfg, 1), variables, state, start,
+        logits, state, _ = _decoder_call(alone_config(cfg), variables, state, start,
                                          jnp.ones_like(start), encoded)
         return state, logits[:, -1]
     P = _round_up(1 + prompts_BL.shape[1], S)
     tokens, seg = left_align(prompts_BL, P)
     state = DecodeState(cache={}, index=jnp.zeros((), jnp.int32), segment_ids=jnp.concatenate(
         [seg, jnp.ones((B, max_new_tokens), jnp.int32)], axis=1))
-    prefill_cfg = cfg if prefill_routing == "training" else with_group_size(cfg, 1)
+    prefill_cfg = cfg if prefill_routing == "training" else alone_config(cfg)
     logits, state, _ = _decoder_call(prefill_cfg, variables, state, tokens, seg)
     return state, logits[:, -1]
 
@@ -168,6 +177,6 @@ def step(cfg: ModelConfig, variables, state: DecodeState, tokens_B: jax.Array,
     <int32>[B, Lm, K] and gates <float32>[B, Lm, K] of the fed token in the Lm sparse
     decoder layers)."""
     logits, state, (experts, gates) = _decoder_call(
-        with_group_size(cfg, 1), variables, state, tokens_B[:, None],
+        alone_config(cfg), variables, state, tokens_B[:, None],
         alive_B[:, None].astype(jnp.int32), record=True)
     return state, logits[:, -1], experts, gates

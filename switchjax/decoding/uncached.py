@@ -63,14 +63,12 @@ def greedy_decode(cfg: ModelConfig, variables, prompts, max_new_tokens: int, *,
       compiler_options: XLA compiler options (a dict) of the two jitted functions.
     """
     variables = as_variables(variables)
-    model = make_model(cfg)
-    dec_model = make_model(with_group_size(cfg, 1)) if route_tokens_alone else model
+    encode, next_token = _compiled(cfg, route_tokens_alone,
+                                   tuple(sorted((compiler_options or {}).items())))
     prompts = jnp.asarray(prompts, jnp.int32)
     B, N = prompts.shape[0], max_new_tokens
     if cfg.family == "encoder_decoder":
-        encoded, _ = jax.jit(lambda v, b: model.apply(v, b, method="encode"),
-                             compiler_options=compiler_options)(
-            variables, {"encoder_input_tokens": prompts})
+        encoded = encode(variables, prompts)
         first = 0  # buffer position that predicts generated token 0
         tokens = np.full((B, 1 + N), pad_id, np.int32)
         tokens[:, 0] = start_id
@@ -81,25 +79,42 @@ def greedy_decode(cfg: ModelConfig, variables, prompts, max_new_tokens: int, *,
         first = prefix.shape[1] - 1
         tokens = np.concatenate([prefix, np.full((B, N), pad_id, np.int32)], axis=1)
 
-    @functools.partial(jax.jit, compiler_options=compiler_options)
-    def step(v, encoded, dec_tokens, t):
-        """Next token after buffer position first + t."""
-        known = (jnp.arange(tokens.shape[1]) <= first + t)[None]
-        seg = jnp.concatenate([jnp.asarray(prefix_seg), jnp.ones((B, N), jnp.int32)], 1) * known
-        batch = {"decoder_input_tokens": dec_tokens, "decoder_segment_ids": seg}
-        if encoded is None:
-            logits, _ = dec_model.apply(v, batch)
-        else:
-            batch["encoder_input_tokens"] = prompts
-            logits, _ = dec_model.apply(v, batch, encoded, method="decode")
-        return jnp.argmax(logits[:, first + t], axis=-1).astype(jnp.int32)
-
     done = np.zeros(B, bool)
     for t in range(N):
-        new = np.where(done, pad_id, np.asarray(step(variables, encoded, jnp.asarray(tokens), t)))
+        new = np.where(done, pad_id, np.asarray(next_token(
+            variables, encoded, prompts, jnp.asarray(tokens), prefix_seg, first + t)))
         tokens[:, first + t + 1] = new
         if eos_id is not None:
             done |= new == eos_id
             if done.all():
                 return tokens[:, first + 1:first + t + 2]
     return tokens[:, first + 1:]
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(cfg: ModelConfig, route_tokens_alone: bool, compiler_options: tuple):
+    """(encode, next_token) for a config, jitted once and reused by later calls."""
+    model = make_model(cfg)
+    dec_model = make_model(with_group_size(cfg, 1)) if route_tokens_alone else model
+    jit = functools.partial(jax.jit, compiler_options=dict(compiler_options) or None)
+
+    @jit
+    def encode(variables, prompts_BL):
+        return model.apply(variables, {"encoder_input_tokens": prompts_BL}, method="encode")[0]
+
+    @jit
+    def next_token(variables, encoded, prompts_BL, tokens_BT, prefix_seg_BP, position):
+        """The greedy token after buffer position `position` (< it: known, real)."""
+        B, T = tokens_BT.shape
+        seg = jnp.concatenate([prefix_seg_BP, jnp.ones((B, T - prefix_seg_BP.shape[1]),
+                                                       jnp.int32)], axis=1)
+        seg = seg * (jnp.arange(T) <= position)[None]
+        batch = {"decoder_input_tokens": tokens_BT, "decoder_segment_ids": seg}
+        if encoded is None:
+            logits, _ = dec_model.apply(variables, batch)
+        else:
+            batch["encoder_input_tokens"] = prompts_BL
+            logits, _ = dec_model.apply(variables, batch, encoded, method="decode")
+        return jnp.argmax(logits[:, position], axis=-1).astype(jnp.int32)
+
+    return encode, next_token
