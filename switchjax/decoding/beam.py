@@ -21,6 +21,7 @@ it was fed; its last token (EOS, or the N-th) is never fed: -1.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -66,69 +67,88 @@ def _concat(a: _Beams, b: _Beams) -> _Beams:
     return _Beams(*(jnp.concatenate([x, y], axis=1) for x, y in zip(a, b)))
 
 
+def _candidates(c: _Carry, options: DecodeOptions):
+    """The W best (beam, token) continuations of every row: (candidates <[B, W]> with
+    accumulated log-probs as scores, parent beam <int32>[B, W], hits <bool>[B, W])."""
+    B, M, N = c.running.scores.shape + (options.max_new_tokens,)
+    V = c.logits.shape[-1]
+    eos = -1 if options.eos_id is None else options.eos_id
+    logp = jax.nn.log_softmax(c.logits).reshape(B, M, V) + c.running.scores[:, :, None]
+    top_lp, top_index = jax.lax.top_k(logp.reshape(B, M * V), 2 * M)
+    parent, token = top_index // V, (top_index % V).astype(jnp.int32)
+    cand = c.running.take(parent)
+    cand = cand._replace(tokens=cand.tokens.at[:, :, c.s].set(token), scores=top_lp)
+    return cand, parent, (token == eos) | (c.s + 1 >= N)
+
+
+def _continue(cfg, variables, c: _Carry, cand: _Beams, parent, hits):
+    """The M best candidates that did not hit, fed from their parents' caches:
+    (running beams, decode state, next logits)."""
+    B, M = c.running.scores.shape
+    cand = cand._replace(scores=cand.scores + hits * NEG)
+    next_index = jax.lax.top_k(cand.scores, M)[1]
+    running = cand.take(next_index)
+    rows = jnp.arange(B)[:, None] * M + jnp.take_along_axis(parent, next_index, 1)
+    state, logits, experts, gates = cache_lib.step(
+        cfg, variables, c.state.take_rows(rows.reshape(-1)),
+        running.tokens[:, :, c.s].reshape(-1), jnp.ones((B * M,), bool))
+    running = running._replace(
+        experts=running.experts.at[:, :, c.s].set(experts.reshape(B, M, *experts.shape[1:])),
+        gates=running.gates.at[:, :, c.s].set(gates.reshape(B, M, *gates.shape[1:])))
+    return running, state, logits
+
+
+def _finish(c: _Carry, cand: _Beams, hits, options: DecodeOptions):
+    """Finished beams after the candidates among the first M that hit joined them."""
+    M = options.num_beams
+    did = hits & (jnp.arange(2 * M) < M)[None]
+    score = cand.scores / (c.s + 1).astype(jnp.float32) ** options.length_penalty
+    if options.early_stopping:
+        score += jnp.all(c.is_finished, axis=1, keepdims=True) * NEG
+    score += (~c.open) * NEG + (~did) * NEG
+    merged = _concat(c.finished, cand._replace(scores=score))
+    keep = jax.lax.top_k(merged.scores, M)[1]
+    is_finished = jnp.take_along_axis(jnp.concatenate([c.is_finished, did], 1), keep, 1)
+    return merged.take(keep), is_finished
+
+
+def _step(c: _Carry, *, cfg, options: DecodeOptions, variables) -> _Carry:
+    cand, parent, hits = _candidates(c, options)
+    running, state, logits = _continue(cfg, variables, c, cand, parent, hits)
+    finished, is_finished = _finish(c, cand, hits, options)
+    # A row stays open while its best running beam, scored at this length, beats its
+    # worst finished one.
+    best = running.scores[:, :1] / (c.s + 1).astype(jnp.float32) ** options.length_penalty
+    worst = jnp.where(is_finished, finished.scores.min(axis=1, keepdims=True), NEG)
+    open_ = c.open & jnp.any(best > worst, axis=1, keepdims=True)
+    go = jnp.any(open_) & ~jnp.all(hits)
+    if options.early_stopping:
+        go &= ~jnp.all(is_finished)
+    return _Carry(c.s + 1, state, logits, running, finished, is_finished, open_, go)
+
+
 def beam_search(cfg: ModelConfig, options: DecodeOptions, variables, state, logits_BV) -> Decoded:
     """Beam search from a prefilled `state` (B rows) and the first logits <[B, V]>."""
-    B, V = logits_BV.shape
-    M, W, N = options.num_beams, 2 * options.num_beams, options.max_new_tokens
+    B = logits_BV.shape[0]
+    M, N = options.num_beams, options.max_new_tokens
     Lm, K = routing_shape(cfg)
-    eos = -1 if options.eos_id is None else options.eos_id
-    penalty = options.length_penalty
 
     def beams(scores_BM):
         return _Beams(jnp.full((B, M, N), options.pad_id, jnp.int32), scores_BM,
                       jnp.full((B, M, N, Lm, K), -1, jnp.int32),
                       jnp.zeros((B, M, N, Lm, K), jnp.float32))
 
-    def body(c: _Carry) -> _Carry:
-        length = (c.s + 1).astype(jnp.float32)
-        logp = jax.nn.log_softmax(c.logits).reshape(B, M, V) + c.running.scores[:, :, None]
-        top_lp, top_index = jax.lax.top_k(logp.reshape(B, M * V), W)  # [B, W]
-        parent, token = top_index // V, (top_index % V).astype(jnp.int32)
-        cand = c.running.take(parent)
-        cand = cand._replace(tokens=cand.tokens.at[:, :, c.s].set(token), scores=top_lp)
-        hits = (token == eos) | (c.s + 1 >= N)
-
-        # Running beams: the M best candidates that go on.
-        next_index = jax.lax.top_k(top_lp + hits * NEG, M)[1]
-        running = cand._replace(scores=top_lp + hits * NEG).take(next_index)
-        rows = (jnp.arange(B)[:, None] * M + jnp.take_along_axis(parent, next_index, 1))
-        state, logits, experts, gates = cache_lib.step(
-            cfg, variables, c.state.take_rows(rows.reshape(-1)),
-            running.tokens[:, :, c.s].reshape(-1), jnp.ones((B * M,), bool))
-        running = running._replace(
-            experts=running.experts.at[:, :, c.s].set(experts.reshape(B, M, Lm, K)),
-            gates=running.gates.at[:, :, c.s].set(gates.reshape(B, M, Lm, K)))
-
-        # Finished beams: the first M candidates that hit, if the row is open.
-        did = hits & (jnp.arange(W) < M)[None]
-        score = top_lp / length ** penalty
-        if options.early_stopping:
-            score += jnp.all(c.is_finished, axis=1, keepdims=True) * NEG
-        score += (~c.open) * NEG + (~did) * NEG
-        merged = _concat(c.finished, cand._replace(scores=score))
-        keep = jax.lax.top_k(merged.scores, M)[1]
-        finished = merged.take(keep)
-        is_finished = jnp.take_along_axis(jnp.concatenate([c.is_finished, did], 1), keep, 1)
-
-        # Can a running beam still beat the worst finished one?
-        best = running.scores[:, :1] / length ** penalty
-        worst = jnp.where(is_finished, finished.scores.min(axis=1, keepdims=True), NEG)
-        open_ = c.open & jnp.any(best > worst, axis=1, keepdims=True)
-        go = jnp.any(open_) & ~jnp.all(hits)
-        if options.early_stopping:
-            go &= ~jnp.all(is_finished)
-        return _Carry(c.s + 1, state, logits, running, finished, is_finished, open_, go)
-
-    rows = jnp.repeat(jnp.arange(B), M)
+    rows = jnp.repeat(jnp.arange(B), M)  # every beam starts from its row's prefill
     init = _Carry(jnp.zeros((), jnp.int32), state.take_rows(rows), logits_BV[rows],
                   running=beams(jnp.full((B, M), NEG, jnp.float32).at[:, 0].set(0.0)),
                   finished=beams(jnp.full((B, M), NEG, jnp.float32)),
                   is_finished=jnp.zeros((B, M), bool), open=jnp.ones((B, 1), bool),
                   go=jnp.ones((), bool))
-    final = jax.lax.while_loop(lambda c: c.go, body, init)
-    best = final.finished.take(jnp.zeros((B, 1), jnp.int32))
+    step = functools.partial(_step, cfg=cfg, options=options, variables=variables)
+    best = jax.lax.while_loop(lambda c: c.go, step, init).finished.take(
+        jnp.zeros((B, 1), jnp.int32))
     tokens = best.tokens[:, 0]
-    is_eos = tokens == eos
+    is_eos = tokens == (-1 if options.eos_id is None else options.eos_id)
     lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, N)
     return Decoded(tokens=tokens, lengths=lengths.astype(jnp.int32), scores=best.scores[:, 0],
                    experts=best.experts[:, 0], gates=best.gates[:, 0])
