@@ -8,21 +8,23 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["switchjax", "switchjax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax>=0.8.1 and flax>=0.12.3 require it
+    # Lower bounds: the fast tests pass with every package at its bound together
+    # (Python 3.11; command, pip freeze and the older versions that fail: docs/install.md).
     install_requires=[
-        "jax>=0.6",
-        "flax>=0.10.4",
+        "jax>=0.8.1",
+        "flax>=0.12.3",
         "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
-        "tensorflow-datasets>=4.9.7",
+        "orbax-checkpoint>=0.11.17",
+        "tensorflow-datasets>=4.9.10",
         "importlib_resources",  # tfds 4.9.10 imports it without declaring it
         "ml-collections>=1.0",
-        "grain>=0.2.10",
-        "array_record>=0.7",
-        "sentencepiece>=0.2",
-        "tensorboardX>=2.6",
-        "matplotlib>=3.8",
-        "numpy>=1.26",
+        "grain>=0.2.13",
+        "array_record>=0.8.1",
+        "sentencepiece>=0.2.3",
+        "tensorboardX>=2.6.1",
+        "matplotlib>=3.8.4",
+        "numpy>=2.0",
     ],
     extras_require={
         "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],

@@ -5,9 +5,10 @@
 
 Loads the run's config, newest (or --step) checkpoint and tokenizer, runs the
 text through the model once, prints one table per MoE layer (tokens, share,
-dropped, mean gate, top tokens and a context per expert) and writes
-`assignments.png` (tokens x layers, coloured by expert) and `load.png`
-(per-expert share of tokens per layer) into --out (default WORKDIR/inspect).
+dropped, mean gate, top tokens and a context per expert) and writes it as
+`text.txt` with `text_assignments.png` (tokens x layers, coloured by expert),
+`text_load.png` (per-expert share of tokens per layer) and `text.json` (top tokens
+per layer and expert) into --out (default WORKDIR/inspect).
 """
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import argparse
 import os
 import sys
 
-from switchjax.analysis import inspector
-from switchjax.analysis.run import load_trained, text_batch
+from switchjax.analysis.run import load_trained, text_batch, write_inspection
 
 
 def parse_args(argv):
@@ -34,23 +34,21 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run = load_trained(args.workdir, args.step)
-        batch = text_batch(run.cfg, run.tokenizer, args.text)
+        text_batch(run.cfg, run.tokenizer, args.text)  # a clear error for an empty text
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     if not run.cfg.num_moe_layers:
         raise SystemExit(f"error: the model of --workdir={args.workdir!r} has no MoE layer "
                          "(a dense run). Fix: pass the workdir of a Switch run.")
-    layers = inspector.capture_routing(run.cfg, run.params, batch)
-    E = run.cfg.moe.num_experts
-    print(f"{args.workdir} step {run.step}: {run.cfg.family}, {len(layers)} MoE layers x "
-          f"{E} experts, capacity factor {run.cfg.moe.capacity_factor(train=False)} (eval)")
-    print(inspector.format_report(layers, E, run.token_str, args.top))
+    print(f"{args.workdir} step {run.step}: {run.cfg.family}, {run.cfg.num_moe_layers} MoE "
+          f"layers x {run.cfg.moe.num_experts} experts, capacity factor "
+          f"{run.cfg.moe.capacity_factor(train=False)} (eval)")
     out = args.out or os.path.join(args.workdir, "inspect")
-    os.makedirs(out, exist_ok=True)
-    paths = os.path.join(out, "assignments.png"), os.path.join(out, "load.png")
-    inspector.plot_assignments(layers, E, run.token_str, paths[0])
-    inspector.plot_load(layers, E, paths[1])
-    print("wrote", *paths)
+    write_inspection(run, {"text": args.text}, out, args.top)
+    with open(os.path.join(out, "text.txt")) as f:
+        print(f.read(), end="")
+    print("wrote", *(os.path.join(out, f"text{s}") for s in (".txt", "_assignments.png",
+                                                            "_load.png", ".json")))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,12 @@ def test_config_changes_allow_only_resumable_fields():
     longer = tiny_config(schedule="cosine", num_train_steps=40)
     assert checkpoint.config_changes(json.loads(cosine.to_json_best_effort()), longer) == \
         ["train.num_train_steps: 20 -> 40"]
+    # A field added to the code since the checkpoint was written: no change at its default.
+    del saved["moe"]["second_expert_policy"]
+    assert checkpoint.config_changes(saved, now) == ["seed: 0 -> 7", "train.batch_size: 8 -> 16"]
+    now.moe.jitter_noise = 0.123
+    del saved["moe"]["jitter_noise"]
+    assert "moe.jitter_noise: 0.0 -> 0.123" in checkpoint.config_changes(saved, now)
 
 
 def test_unreadable_checkpoints_are_an_error_not_a_fresh_start(tmp_path):

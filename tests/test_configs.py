@@ -21,6 +21,8 @@ ARGS = {
     "st_moe": ["", "smoke"], "decoder_moe": ["", "all", "smoke"],
     **{f"ablate_{n}": ["", "smoke"] for n in ("capacity", "experts", "router", "aux", "zloss",
                                               "precision", "init", "jitter")},
+    **{f"repro_{n}": ["", "smoke"] for n in ("sparse_vs_dense", "experts", "capacity",
+                                             "decoder")},
 }
 PAPER_FULL = {("t5_base", ""), ("switch_base", ""), ("switch_base", "large"),
               ("switch_base", "c"), ("switch_base", "finetune"), ("st_moe", ""),
@@ -34,7 +36,7 @@ def _config(module, arg):
 
 def test_every_config_file_is_covered():
     files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))}
-    assert files - {"__init__", "common"} == set(ARGS)
+    assert files - {"__init__", "common", "repro_base"} == set(ARGS)
 
 
 @pytest.mark.parametrize("module,arg", CASES, ids=[f"{m}:{a}" for m, a in CASES])
@@ -54,7 +56,7 @@ def test_config_builds_and_validates(module, arg):
     assert "python -m experiments." in mod.__doc__  # the docstring gives the command
 
 
-@pytest.mark.parametrize("module", [m for m in ARGS if m.startswith("ablate_")])
+@pytest.mark.parametrize("module", [m for m in ARGS if m.startswith(("ablate_", "repro_"))])
 def test_every_sweep_variant_validates(module):
     mod = importlib.import_module(f"configs.{module}")
     variants = mod.sweep()
@@ -101,3 +103,13 @@ def test_t5_base_is_the_flop_matched_dense_switch_base():
 def test_config_arguments_are_checked():
     with pytest.raises(ValueError, match="'smok' is unknown"):
         _config("switch_base", "smok")
+
+
+def test_repro_dense_baselines_are_flop_matched():
+    """The dense variants of the repro sweeps do the FFN FLOPs of their sparse model: top-1
+    keeps d_ff, top-2 on half of the 4 decoder layers widens it by 1.5."""
+    from configs import repro_base, repro_decoder
+    assert repro_base.dense(repro_base.encdec()) == {
+        "model.decoder_moe_layers": "none", "model.encoder_moe_layers": "none"}
+    top2 = repro_base.decoder(**repro_decoder.TOP2)
+    assert repro_base.dense(top2) == {"model.d_ff": 768, "model.decoder_moe_layers": "none"}

@@ -1,6 +1,7 @@
 """experiments/inspect.py on a tiny trained run: tables, PNGs and errors."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -41,8 +42,10 @@ def test_inspect_trained_run(tmp_path, capsys):
         assert int(re.search(r": (\d+) tokens", header).group(1)) == n_text
         assert [int(r.split()[0]) for r in rows] == list(range(num_experts))
         assert sum(int(r.split()[1]) for r in rows) == n_text
-    for name in ("assignments.png", "load.png"):
+    for name in ("text_assignments.png", "text_load.png"):
         assert (tmp_path / "png" / name).stat().st_size > 0
+    top = json.loads((tmp_path / "png" / "text.json").read_text())
+    assert list(top) == names and all(len(experts) == num_experts for experts in top.values())
 
     with pytest.raises(SystemExit, match="--text is empty"):
         inspect_cli.main(["--workdir", workdir, "--text", " \n"])

@@ -32,6 +32,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         pytest.fail(f"{name} is missing")
     monkeypatch.setenv("SWITCHJAX_SMOKE", "1")
     monkeypatch.setenv("SWITCHJAX_WORKDIR", str(tmp_path))
+    monkeypatch.setenv("SWITCHJAX_REPO", str(COLAB.parent))  # the kernel runs in tmp_path
     monkeypatch.setenv("XLA_FLAGS", "")  # notebooks run on one device, as in Colab
     nb = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",

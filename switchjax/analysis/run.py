@@ -88,3 +88,27 @@ def text_batch(cfg: ModelConfig, tokenizer, text: str) -> dict:
     features = ["targets"] + (["inputs"] if cfg.family == "encoder_decoder" else [])
     rows = {f + suffix: v for f in features for suffix, v in row.items()}
     return model_batch(rows)
+
+
+def write_inspection(run: TrainedRun, texts: dict, out: str, top: int = 5) -> dict:
+    """Routes each of `texts` ({name: text}) through `run`'s model and writes, per name,
+    `{name}.txt` (the per-layer tables), `{name}_assignments.png`, `{name}_load.png` and
+    `{name}.json` ({layer: {expert: top tokens}}) into `out`. Returns {name: that dict}."""
+    from switchjax.analysis import inspector
+
+    os.makedirs(out, exist_ok=True)
+    E, found = run.cfg.moe.num_experts, {}
+    for name, text in texts.items():
+        layers = inspector.capture_routing(run.cfg, run.params,
+                                           text_batch(run.cfg, run.tokenizer, text))
+        with open(os.path.join(out, f"{name}.txt"), "w") as f:
+            f.write(inspector.format_report(layers, E, run.token_str, top) + "\n")
+        inspector.plot_assignments(layers, E, run.token_str,
+                                   os.path.join(out, f"{name}_assignments.png"))
+        inspector.plot_load(layers, E, os.path.join(out, f"{name}_load.png"))
+        found[name] = {layer.name: {str(r["expert"]): [tok for tok, _ in r["top_tokens"]]
+                                    for r in inspector.expert_table(layer, E, run.token_str, top)}
+                       for layer in layers}
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            json.dump(found[name], f, ensure_ascii=False, indent=1)
+    return found

@@ -20,6 +20,7 @@ All processes call every method (Orbax coordinates multi-host writes).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -52,14 +53,31 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+@functools.cache
+def _defaults() -> dict:
+    """Every config field's default value, flat ('moe.router': 'top1', ...)."""
+    from switchjax.config import model_config_dict
+    from switchjax.data import get_data_config
+    from switchjax.sharding import get_mesh_config
+    from switchjax.train.train_config import get_train_config
+    model, moe = model_config_dict()
+    return _flat(config_json(ml_collections.ConfigDict(
+        {"model": model, "moe": moe, "data": get_data_config(), "train": get_train_config(),
+         "mesh": get_mesh_config()})))
+
+
 def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict) -> list[str]:
     """'field: saved -> now' for every field outside RESUMABLE that differs from the
     config a checkpoint was written with (`saved`, its JSON; None: nothing to compare).
-    With the cosine schedule `train.num_train_steps` sets the decay, so it must stay."""
+    A field the saved config lacks (added to the code since) counts as a change only if
+    it is not at its default. With the cosine schedule `train.num_train_steps` sets the
+    decay, so it must stay."""
     if saved is None:
         return []
     now = _flat(config_json(config))
     saved = _flat(saved)
+    defaults = _defaults()
+    saved.update({k: defaults[k] for k in now if k not in saved and k in defaults})
     free = [p for p in RESUMABLE
             if not (p == "train.num_train_steps" and now.get("train.schedule") == "cosine")]
     return [f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"

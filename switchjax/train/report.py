@@ -3,17 +3,21 @@
 A run directory holds `final_metrics.json` (see `loop.train_and_evaluate`),
 `metrics.jsonl` and, in a sweep, `overrides.json`. A run that stopped on a
 non-finite loss has `FAILED` (the error message) instead of final metrics.
+Runs of one variant that differ only in `seed` are its seeds: tables and plots give
+their mean and sample standard deviation (σ, n - 1 in the denominator).
 
     runs = [load_run(d) for d in sorted(glob.glob('/tmp/sweep/*/'))]
-    rows = results_rows(runs)
-    write_csv(rows, 'results.csv'); write_markdown(rows, 'results.md')
-    plot_eval_loss(runs, 'eval_loss.png'); plot_expert_load(runs, 'expert_load.png')
+    write_report(runs, '/tmp/sweep', title, provenance())
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+import platform
+import re
+import subprocess
+import sys
 from typing import Optional
 
 import numpy as np
@@ -22,9 +26,21 @@ from switchjax.train.metrics import JSONL, read_jsonl
 
 FAILED = "FAILED"
 OVERRIDES = "overrides.json"
-COLUMNS = ("variant", "status", "params_total", "params_active", "flops_per_token",
-           "train_loss", "eval_loss", "eval_accuracy", "train_dropped_fraction",
-           "eval_dropped_fraction", "tokens_per_sec", "wall_time_sec")
+COLUMNS = ("variant", "seed", "status", "params_total", "params_active", "flops_per_token",
+           "train_loss", "eval_loss", "eval_loss_sem", "eval_accuracy",
+           "train_dropped_fraction", "eval_dropped_fraction", "tokens_per_sec",
+           "wall_time_sec")
+# Columns averaged over seeds in the summary, with their markdown headers.
+SUMMARY = (("eval_loss", "eval loss"), ("train_loss", "train loss"),
+           ("eval_accuracy", "eval acc"), ("train_dropped_fraction", "dropped (train)"),
+           ("eval_dropped_fraction", "dropped (eval)"), ("tokens_per_sec", "tokens/s"),
+           ("wall_time_sec", "wall s"))
+
+
+def variant_name(overrides: dict) -> str:
+    """'moe.capacity_factor_train=1.0,moe.router=topk' (filesystem-safe)."""
+    name = ",".join(f"{k}={v}" for k, v in overrides.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
 
 
 def read_json(path: str) -> Optional[dict]:
@@ -35,14 +51,17 @@ def read_json(path: str) -> Optional[dict]:
 
 
 def load_run(workdir: str, name: Optional[str] = None) -> dict:
-    """{'name', 'workdir', 'overrides', 'final' (or None), 'failed' (str or None), 'records'}."""
+    """{'name', 'variant' (the name without the seed), 'seed', 'workdir', 'overrides',
+    'final' (or None), 'failed' (str or None), 'records'}."""
     overrides = read_json(os.path.join(workdir, OVERRIDES)) or {}
     failed = None
     if os.path.exists(os.path.join(workdir, FAILED)):
         with open(os.path.join(workdir, FAILED)) as f:
             failed = f.read().strip()
-    return {"name": name or os.path.basename(os.path.normpath(workdir)), "workdir": workdir,
-            "overrides": overrides,
+    name = name or os.path.basename(os.path.normpath(workdir))
+    variant = ({k: v for k, v in overrides.items() if k != "seed"} if overrides else None)
+    return {"name": name, "variant": variant_name(variant) if variant is not None else name,
+            "seed": overrides.get("seed", ""), "workdir": workdir, "overrides": overrides,
             "final": read_json(os.path.join(workdir, "final_metrics.json")),
             "failed": failed, "records": read_jsonl(os.path.join(workdir, JSONL))}
 
@@ -54,12 +73,13 @@ def results_rows(runs: list[dict]) -> list[dict]:
         f = run["final"] or {}
         get = lambda k: f.get(k, float("nan"))  # noqa: E731
         rows.append({
-            "variant": run["name"],
+            "variant": run["variant"], "seed": run["seed"],
             "status": "done" if run["final"] else ("failed: " + run["failed"] if run["failed"]
                                                    else "unfinished"),
             "params_total": f.get("params_total", ""), "params_active": f.get("params_active", ""),
             "flops_per_token": get("flops_per_token"), "train_loss": get("train/task_loss"),
-            "eval_loss": get("eval/task_loss"), "eval_accuracy": get("eval/accuracy"),
+            "eval_loss": get("eval/task_loss"), "eval_loss_sem": get("eval/task_loss_sem"),
+            "eval_accuracy": get("eval/accuracy"),
             "train_dropped_fraction": get("train/dropped_fraction"),
             "eval_dropped_fraction": get("eval/dropped_fraction"),
             "tokens_per_sec": get("train/tokens_per_sec"), "wall_time_sec": get("wall_time_sec"),
@@ -67,11 +87,53 @@ def results_rows(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def mean_std(values) -> tuple[float, float]:
+    """(mean, sample standard deviation) of the finite values; σ is NaN below 2 of them."""
+    v = np.asarray([x for x in values if isinstance(x, (int, float)) and np.isfinite(x)], float)
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per variant (in first-seen order): seeds finished, and (mean, σ) of each SUMMARY
+    column over them; `eval_loss_sem` is the mean eval sampling error of one run."""
+    out = {}
+    for row in rows:
+        out.setdefault(row["variant"], []).append(row)
+    summary = []
+    for variant, group in out.items():
+        done = [r for r in group if r["status"] == "done"]
+        entry = {"variant": variant, "seeds": len(done), "runs": len(group),
+                 "params_total": group[0]["params_total"],
+                 "eval_loss_sem": mean_std([r["eval_loss_sem"] for r in done])[0]}
+        for key, _ in SUMMARY:
+            entry[key] = mean_std([r[key] for r in done])
+        summary.append(entry)
+    return summary
+
+
 def write_csv(rows: list[dict], path: str) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_rows(path: str) -> list[dict]:
+    """`write_csv`'s rows back, numbers as numbers (what the notebooks read)."""
+    def parse(key, text):
+        if key in ("variant", "status"):
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+    with open(path, newline="") as f:
+        return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _fmt(value) -> str:
@@ -86,16 +148,126 @@ def _fmt(value) -> str:
     return f"{value:.4g}"
 
 
-def write_markdown(rows: list[dict], path: str, title: str = "") -> None:
-    header = ("variant", "status", "params total", "params active", "FLOPs/token",
-              "train loss", "eval loss", "eval acc", "dropped (train)", "dropped (eval)",
-              "tokens/s", "wall s")
-    lines = ([f"# {title}", ""] if title else []) + [
-        "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def _fmt_pm(mean_sd: tuple[float, float], key: str) -> str:
+    mean, sd = mean_sd
+    if not np.isfinite(mean):
+        return "–"
+    digits = 4 if key in ("eval_loss", "train_loss", "eval_accuracy") else 3
+    if key.endswith("dropped_fraction"):
+        mean, sd, digits = 100 * mean, 100 * sd, 2
+    if key in ("tokens_per_sec", "wall_time_sec"):
+        digits = 0
+    text = f"{mean:.{digits}f}"
+    return text + (f" ± {sd:.{digits}f}" if np.isfinite(sd) else "")
+
+
+def summary_markdown(summary: list[dict]) -> list[str]:
+    """The mean ± σ table (dropped fractions in %)."""
+    header = ["variant", "seeds", "params"] + [h for _, h in SUMMARY]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summary:
+        seeds = f"{s['seeds']}" + (f" of {s['runs']}" if s["runs"] != s["seeds"] else "")
+        cells = [_fmt(s["variant"]), seeds, _fmt(s["params_total"])]
+        cells += [_fmt_pm(s[key], key) for key, _ in SUMMARY]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_markdown(rows: list[dict], path: str, title: str = "",
+                   provenance: Optional[dict] = None) -> None:
+    """Provenance, the per-variant mean ± σ table, the eval noise note, then every run."""
+    summary = summarize(rows)
+    lines = [f"# {title}", ""] if title else []
+    if provenance:
+        lines += [f"- {k}: `{v}`" for k, v in provenance.items()] + [""]
+    lines += summary_markdown(summary) + [""]
+    sems = [s["eval_loss_sem"] for s in summary if np.isfinite(s["eval_loss_sem"])]
+    sds = [s["eval_loss"][1] for s in summary if np.isfinite(s["eval_loss"][1])]
+    if sems:
+        lines += [f"Mean ± sample σ over seeds. Eval sampling error of one run's eval loss "
+                  f"(standard error over its eval batches): at most {max(sems):.4f}"
+                  + (f"; seed σ of the eval loss: {min(sds):.4f} to {max(sds):.4f}." if sds
+                     else "."), ""]
+    header = ("variant", "seed", "status", "params total", "params active", "FLOPs/token",
+              "train loss", "eval loss", "eval loss s.e.", "eval acc", "dropped (train)",
+              "dropped (eval)", "tokens/s", "wall s")
+    lines += ["## Runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def train_seconds(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(logged steps, training seconds at them) from the train records' throughput:
+    compilation in the first interval, evaluations left out."""
+    train = [(r["step"], r["steps_per_sec"]) for r in records
+             if r["split"] == "train" and r.get("steps_per_sec")]
+    steps = np.array([0] + [s for s, _ in train], float)
+    seconds = np.concatenate([[0.0], np.cumsum(np.diff(steps) / [v for _, v in train])]) \
+        if train else np.zeros(1)
+    return steps, seconds
+
+
+def eval_curves(runs: list[dict]) -> dict:
+    """{variant: (steps [N], losses [seeds, N], train seconds [seeds, N])} over the eval
+    steps every finished seed of the variant has."""
+    by_variant = {}
+    for run in runs:
+        evals = {r["step"]: r["task_loss"] for r in run["records"] if r["split"] == "eval"}
+        if evals:
+            by_variant.setdefault(run["variant"], []).append((evals, train_seconds(run["records"])))
+    curves = {}
+    for variant, seeds in by_variant.items():
+        steps = sorted(set.intersection(*(set(e) for e, _ in seeds)))
+        losses = np.array([[e[s] for s in steps] for e, _ in seeds])
+        secs = np.array([np.interp(steps, *t) for _, t in seeds])
+        curves[variant] = (np.array(steps), losses, secs)
+    return curves
+
+
+def first_reach(xs, losses, target: float) -> Optional[float]:
+    """The first x (linearly interpolated between evaluations) at which `losses` is at or
+    below `target`, or None if it never is."""
+    for i in range(len(xs)):
+        if losses[i] <= target:
+            if i == 0:
+                return float(xs[0])
+            frac = (losses[i - 1] - target) / (losses[i - 1] - losses[i])
+            return float(xs[i - 1] + frac * (xs[i] - xs[i - 1]))
+    return None
+
+
+def step_speedup(curves: dict, sparse: str, dense: str) -> dict:
+    """The paper's step-basis speedup from `eval_curves` output: the steps the dense model
+    (mean over seeds) took to its final eval loss, over the steps the sparse model's mean
+    curve takes to reach it. {'steps_fraction' (sparse steps / dense steps), 'speedup'}, both
+    None if the sparse model never reaches it."""
+    d_steps, d_losses, _ = curves[dense]
+    s_steps, s_losses, _ = curves[sparse]
+    target = float(d_losses.mean(0)[-1])
+    reach = first_reach(s_steps, s_losses.mean(0), target)
+    fraction = None if reach is None else reach / float(d_steps[-1])
+    return {"target_loss": target, "sparse_step": reach, "steps_fraction": fraction,
+            "speedup": None if not fraction else 1.0 / fraction}
+
+
+def write_curves(runs: list[dict], path: str) -> None:
+    """`eval_curves` as JSON: {variant: {'steps', 'eval_loss' [seeds][N],
+    'train_seconds' [seeds][N]}} (what the notebooks plot from committed results)."""
+    out = {v: {"steps": steps.tolist(), "eval_loss": losses.tolist(),
+               "train_seconds": secs.tolist()}
+           for v, (steps, losses, secs) in eval_curves(runs).items()}
+    with open(path, "w") as f:
+        json.dump(out, f)
+
+
+def read_curves(path: str) -> dict:
+    """The `eval_curves` dict back from `write_curves`' JSON."""
+    with open(path) as f:
+        raw = json.load(f)
+    return {v: (np.asarray(c["steps"]), np.asarray(c["eval_loss"]),
+                np.asarray(c["train_seconds"])) for v, c in raw.items()}
 
 
 def _pyplot():
@@ -105,16 +277,20 @@ def _pyplot():
     return plt
 
 
-def plot_eval_loss(runs: list[dict], path: str) -> None:
-    """Eval task loss vs step, one line per run."""
+def plot_eval_loss(runs: list[dict], path: str, against: str = "step") -> None:
+    """Eval loss vs `against` ('step' or 'time': training seconds), one line per variant:
+    the mean over its seeds with a ±1σ band."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        evals = [r for r in run["records"] if r["split"] == "eval"]
-        if evals:
-            ax.plot([r["step"] for r in evals], [r["task_loss"] for r in evals], marker="o",
-                    label=run["name"])
-    ax.set_xlabel("step")
+    for variant, (steps, losses, secs) in eval_curves(runs).items():
+        x = steps if against == "step" else secs.mean(0)
+        mean = losses.mean(0)
+        n = len(losses)
+        line, = ax.plot(x, mean, marker="o", ms=3, label=f"{variant} (n={n})")
+        if n > 1:
+            sd = losses.std(0, ddof=1)
+            ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("step" if against == "step" else "training seconds (this machine)")
     ax.set_ylabel("eval loss (token cross-entropy)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -124,17 +300,19 @@ def plot_eval_loss(runs: list[dict], path: str) -> None:
 
 
 def plot_expert_load(runs: list[dict], path: str) -> None:
-    """Per-expert share of the tokens over training (train split), one panel per run.
+    """Per-expert share of the tokens over training (train split), one panel per variant
+    (its first seed).
 
     Each panel shows every expert of every MoE layer (layer = colour family);
     a balanced layer keeps all its experts near 1/E. Dense runs get an empty panel.
     """
     plt = _pyplot()
-    n = max(len(runs), 1)
+    firsts = list({run["variant"]: run for run in reversed(runs)}.values())[::-1]
+    n = max(len(firsts), 1)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.3 * rows), squeeze=False)
-    for ax, run in zip(axes.flat, runs):
+    for ax, run in zip(axes.flat, firsts):
         train = [r for r in run["records"] if r["split"] == "train" and "expert_load" in r]
         ax.set_title(run["name"], fontsize=8)
         ax.set_xlabel("step")
@@ -151,20 +329,56 @@ def plot_expert_load(runs: list[dict], path: str) -> None:
                         label=f"layer {layer}" if e == 0 else None)
         ax.axhline(1.0 / load.shape[2], color="black", ls="--", lw=0.8)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(runs):]:
+    for ax in list(axes.flat)[len(firsts):]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(runs: list[dict], directory: str, title: str = "") -> list[str]:
-    """results.csv, results.md, eval_loss.png and expert_load.png in `directory`."""
+def provenance(command: Optional[str] = None) -> dict:
+    """What produced a result: the command, the git commit (with '+dirty' for uncommitted
+    changes), the machine and the library versions."""
+    import jax
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True,
+                                  cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    return {"command": command or " ".join(["python"] + sys.argv), "commit": commit,
+            "machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()}",
+            "versions": f"python {platform.python_version()}, jax {jax.__version__}, "
+                        f"{jax.default_backend()} backend"}
+
+
+def write_report(runs: list[dict], directory: str, title: str = "",
+                 provenance: Optional[dict] = None) -> list[str]:
+    """results.csv, results.md, curves.json, eval_loss.png, eval_loss_time.png,
+    expert_load.png (and provenance.json when given) in `directory`."""
     rows = results_rows(runs)
-    paths = [os.path.join(directory, n) for n in ("results.csv", "results.md", "eval_loss.png",
-                                                  "expert_load.png")]
+    names = ("results.csv", "results.md", "curves.json", "eval_loss.png", "eval_loss_time.png",
+             "expert_load.png")
+    paths = [os.path.join(directory, n) for n in names]
     write_csv(rows, paths[0])
-    write_markdown(rows, paths[1], title)
-    plot_eval_loss(runs, paths[2])
-    plot_expert_load(runs, paths[3])
+    write_markdown(rows, paths[1], title, provenance)
+    write_curves(runs, paths[2])
+    plot_eval_loss(runs, paths[3], "step")
+    plot_eval_loss(runs, paths[4], "time")
+    plot_expert_load(runs, paths[5])
+    if provenance:
+        paths.append(os.path.join(directory, "provenance.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(provenance, f, indent=2)
     return paths

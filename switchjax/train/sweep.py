@@ -1,16 +1,21 @@
-"""Sweeps: run every variant a config module's `sweep()` declares, then report.
+"""Sweeps: run every variant a config module's `sweep()` declares, once per seed, then report.
 
 A config module may define
+
+    SEEDS = (0, 1, 2)  # optional, default (0,); `experiments/sweep.py --seeds` overrides it
 
     def sweep():
         return [{"moe.capacity_factor_train": 1.0}, {"moe.capacity_factor_train": 2.0}]
 
-Each variant is the base config with those (dotted) fields set; it runs in
-`workdir/<name>` with name `field=value,field=value` (e.g.
-`moe.capacity_factor_train=1.0`). Variants run in this process one after
-another; one that has `DONE` (finished) or `FAILED` (stopped on a non-finite
-loss; delete the file to retry) is skipped, and an interrupted one resumes
-from its checkpoints. All variants are validated before the first one runs.
+Each variant is the base config with those (dotted) fields set, run once per seed
+(`seed` set; a variant that sets `seed` itself runs once). A run lives in
+`workdir/<name>` with name `field=value,...,seed=s` (e.g.
+`moe.capacity_factor_train=1.0,seed=0`). Runs go in this process one after another,
+seed-major (every variant's seed 0 first), so a partial sweep already compares all
+variants; one that has `DONE` (finished) or `FAILED` (stopped on a non-finite loss;
+delete the file to retry) is skipped, and an interrupted one resumes from its
+checkpoints. All runs are validated before the first one starts. The report
+(`report.write_report`) gives each variant's mean and standard deviation over its seeds.
 """
 from __future__ import annotations
 
@@ -20,7 +25,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 from typing import Callable
 
 import jax
@@ -29,10 +33,12 @@ import ml_collections
 from switchjax.config import ConfigError
 from switchjax.train import checkpoint as checkpoint_lib
 from switchjax.train import loop, report
+from switchjax.train.report import variant_name
 
 
-def load_sweep(config_path: str) -> Callable[[], list[dict]]:
-    """The `sweep` function of a config file ('configs/X.py' or 'configs/X.py:arg')."""
+def load_sweep(config_path: str) -> tuple[Callable[[], list[dict]], tuple[int, ...]]:
+    """The `sweep` function and `SEEDS` (default (0,)) of a config file ('configs/X.py' or
+    'configs/X.py:arg')."""
     path = config_path.split(":", 1)[0]
     spec = importlib.util.spec_from_file_location("_sweep_config_module", path)
     module = importlib.util.module_from_spec(spec)
@@ -40,13 +46,18 @@ def load_sweep(config_path: str) -> Callable[[], list[dict]]:
     if not hasattr(module, "sweep"):
         raise ConfigError(f"{path} defines no sweep(). Fix: add `def sweep(): return "
                           "[{'field': value}, ...]` or use experiments/train.py.")
-    return module.sweep
+    return module.sweep, tuple(getattr(module, "SEEDS", (0,)))
 
 
-def variant_name(overrides: dict) -> str:
-    """'moe.capacity_factor_train=1.0,moe.router=topk' (filesystem-safe)."""
-    name = ",".join(f"{k}={v}" for k, v in overrides.items()) or "base"
-    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+def with_seeds(variants: list[dict], seeds) -> list[dict]:
+    """Every variant once per seed, seed-major; a variant that sets 'seed' runs once."""
+    seeds = tuple(seeds)
+    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds) or \
+            len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds={seeds!r}: need distinct integers >= 0. Fix: e.g. SEEDS = "
+                          "(0, 1, 2) in the config or --seeds=0,1,2.")
+    fixed = [dict(v) for v in variants if "seed" in v]
+    return [{**v, "seed": s} for s in seeds for v in variants if "seed" not in v] + fixed
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
@@ -69,12 +80,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
 
 
 def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: str,
-              title: str = "") -> list[dict]:
-    """Runs the unfinished variants, writes the report into `workdir`; returns the runs.
+              title: str = "", seeds=(0,), provenance: dict | None = None,
+              report_dir: str | None = None) -> list[dict]:
+    """Runs every variant for every seed (`with_seeds`) where unfinished, writes the report
+    of these runs into `report_dir` (default `workdir`; with `provenance`: command, commit,
+    machine); returns the runs. Runs are named by their overrides, so sweeps that share a
+    workdir share the runs they have in common (same name and config).
 
-    A variant that ran before with another config (say the base config changed) is an
+    A run that ran before with another config (say the base config changed) is an
     error before anything runs; one whose steps grew is continued, not skipped.
     """
+    variants = with_seeds(variants, seeds)
     configs, unchanged = [], set()
     for overrides in variants:
         variant = apply_overrides(config, overrides)
@@ -115,6 +131,7 @@ def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: 
                     f.write(str(e) + "\n")
     runs = [report.load_run(os.path.join(workdir, name), name) for name in names]
     if is_chief:
-        for path in report.write_report(runs, workdir, title):
+        os.makedirs(report_dir or workdir, exist_ok=True)
+        for path in report.write_report(runs, report_dir or workdir, title, provenance):
             print(f"[sweep] wrote {path}", flush=True)
     return runs
