@@ -90,7 +90,7 @@ def _continue(cfg, variables, c: _Carry, cand: _Beams, parent, hits):
     running = cand.take(next_index)
     rows = jnp.arange(B)[:, None] * M + jnp.take_along_axis(parent, next_index, 1)
     state, logits, experts, gates = cache_lib.step(
-        cfg, variables, c.state.take_rows(rows.reshape(-1)),
+        cfg, variables, c.state.take_rows(rows.reshape(-1), same_prompts=True),
         running.tokens[:, :, c.s].reshape(-1), jnp.ones((B * M,), bool))
     running = running._replace(
         experts=running.experts.at[:, :, c.s].set(experts.reshape(B, M, *experts.shape[1:])),

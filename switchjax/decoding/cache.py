@@ -53,9 +53,21 @@ class DecodeState:
     index: jax.Array
     encoder_segment_ids: Optional[jax.Array] = None
 
-    def take_rows(self, rows_B: jax.Array) -> "DecodeState":
-        """The state of rows `rows_B` (beam search: each beam continues its parent's)."""
-        return jax.tree.map(lambda a: a[rows_B] if a.ndim else a, self)
+    def take_rows(self, rows_B: jax.Array, *, same_prompts: bool = False) -> "DecodeState":
+        """The state of rows `rows_B` <int32>[B'] (beam search: the beams of a prompt, or
+        each beam continuing its parent's). `same_prompts`: every row is taken from a row
+        of the same prompt, so what depends on the prompt alone (cross-attention keys and
+        values, segment ids) stays as it is, uncopied."""
+        def take(path, a):
+            if same_prompts and "cross_attention" in jax.tree_util.keystr(path):
+                return a
+            return a[rows_B]
+        cache = jax.tree_util.tree_map_with_path(take, self.cache)
+        if same_prompts:
+            return self.replace(cache=cache)
+        return self.replace(cache=cache, segment_ids=self.segment_ids[rows_B],
+                            encoder_segment_ids=None if self.encoder_segment_ids is None
+                            else self.encoder_segment_ids[rows_B])
 
 
 def with_group_size(cfg: ModelConfig, group_size: int) -> ModelConfig:
