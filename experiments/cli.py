@@ -19,7 +19,7 @@ import re
 import sys
 from typing import Callable, Sequence
 
-from switchjax.config import ReportedError, fail
+from switchjax.config import ReportedError
 
 USAGE_STATUS = 2
 
@@ -110,11 +110,3 @@ def run_plain(main: Callable) -> None:
     """Calls `main()` (which parses its own arguments) with the error handling above."""
     clean_errors(main)()
 
-
-def mesh_sizes(flag: str, text: str) -> tuple[int, int, int]:
-    """'data,expert,model' sizes of a mesh flag, e.g. '2,4,1' -> (2, 4, 1)."""
-    parts = text.split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        fail(flag, text, "needs three positive sizes data,expert,model",
-             f"e.g. {flag} 1,8,1 (8 devices: expert parallelism over 8)")
-    return tuple(int(p) for p in parts)

@@ -37,13 +37,6 @@ def test_other_errors_keep_their_traceback():
     assert e.value is bug
 
 
-def test_mesh_sizes():
-    assert cli.mesh_sizes("--mesh", "2,4,1") == (2, 4, 1)
-    for bad in ("2,2", "1,8,1,1", "0,8,1", "a,b,c", "-1,8,1"):
-        with pytest.raises(ConfigError, match=r"--mesh='.*': needs three positive sizes"):
-            cli.mesh_sizes("--mesh", bad)
-
-
 def test_fail_is_the_one_message_style():
     with pytest.raises(ConfigError) as e:
         fail("train.eps", 0.0, "must be > 0", "e.g. 1e-8")

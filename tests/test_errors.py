@@ -638,8 +638,8 @@ CASES = [
                   "sweep(): return [{'field': value}, ...]`, or run it with experiments/train.py.")),
     Case("command line", "`aot_compile --mesh 2,2`",
          argv=("experiments.aot_compile", "--mesh", "2,2"),
-         message=("error: --mesh='2,2': needs three positive sizes data,expert,model. Fix: e.g. "
-                  '--mesh 1,8,1 (8 devices: expert parallelism over 8).')),
+         message=("error: --mesh='2,2': expected three sizes data,expert,model (a size, -1 for "
+                  "the rest). Fix: e.g. 1,8,1 or -1,8,1.")),
     Case("command line", "`inspect --workdir` a directory that is not a run",
          argv=("experiments.inspect", "--workdir", "{tmp}", "--text", "x"),
          message=("error: --workdir='{tmp}': is not a run directory ({tmp}/config.json does not "
