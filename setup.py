@@ -31,5 +31,8 @@ setup(
         "tf": ["tensorflow-cpu>=2.16"],
         "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
         "hf": ["torch>=2.4", "transformers>=4.45", "safetensors>=0.4"],
+        # The XLA:TPU compiler, to compile for TPU slices from any host (docs/tpu.md): the
+        # libtpu that jax[tpu]==0.10.2 pins, with that jax.
+        "tpu": ["jax==0.10.2", "jaxlib==0.10.2", "libtpu==0.0.42.*"],
     },
 )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from switchjax.config import model_config_dict
+from switchjax.config import fail, model_config_dict
 from switchjax.data import get_data_config
 from switchjax.sharding import get_mesh_config
 from switchjax.train import get_train_config
@@ -19,8 +19,8 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
     for item in [s for s in (arg or "").split(",") if s]:
         name, sep, value = item.partition("=")
         if name not in defaults:
-            raise ValueError(f"config argument {name!r} is unknown; use one of "
-                             f"{sorted(defaults)} (e.g. 'smoke' or '{name}=...').")
+            fail("config argument", name, "is unknown",
+                 f"use one of {sorted(defaults)}, e.g. configs/X.py:smoke")
         if not sep:
             out[name] = True
         elif isinstance(defaults[name], bool):

@@ -44,6 +44,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from switchjax import flops  # noqa: E402
 from switchjax.config import ModelConfig, model_config_dict  # noqa: E402
 from switchjax import kernels  # noqa: E402
@@ -840,4 +841,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run_plain(main)

@@ -9,8 +9,9 @@ OUT/config.json and OUT/params; load with
 `switchjax.convert.hf_switch.load_converted(OUT)`.
 """
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
+from experiments import cli
 from switchjax.convert import hf_switch
 
 _MODEL = flags.DEFINE_string("model", None, "Local checkpoint directory or hub name.",
@@ -35,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

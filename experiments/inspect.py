@@ -16,7 +16,9 @@ import argparse
 import os
 import sys
 
+from experiments import cli
 from switchjax.analysis.run import load_trained, text_batch, write_inspection
+from switchjax.config import fail
 
 
 def parse_args(argv):
@@ -32,14 +34,11 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run = load_trained(args.workdir, args.step)
-        text_batch(run.cfg, run.tokenizer, args.text)  # a clear error for an empty text
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
+    run = load_trained(args.workdir, args.step)
+    text_batch(run.cfg, run.tokenizer, args.text)  # a clear error for an empty text
     if not run.cfg.num_moe_layers:
-        raise SystemExit(f"error: the model of --workdir={args.workdir!r} has no MoE layer "
-                         "(a dense run). Fix: pass the workdir of a Switch run.")
+        fail("--workdir", args.workdir, "its model has no MoE layer (a dense run)",
+             "pass the workdir of a Switch run")
     experts = "/".join(map(str, sorted(set(run.cfg.experts_per_moe_layer))))
     print(f"{args.workdir} step {run.step}: {run.cfg.family}, {run.cfg.num_moe_layers} MoE "
           f"layers x {experts} experts, capacity factor "
@@ -53,4 +52,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_plain(main)

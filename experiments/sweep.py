@@ -19,6 +19,7 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from switchjax.config import fail  # noqa: E402
 from switchjax.train.metrics import setup_console_logging  # noqa: E402
 from switchjax.train.report import provenance  # noqa: E402
@@ -51,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":  # grain worker processes import this module
-    app.run(main)
+    cli.run(main)

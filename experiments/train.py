@@ -14,6 +14,7 @@ if __name__ == "__main__":  # before JAX starts its threads: see experiments/mal
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from switchjax.train import train_and_evaluate  # noqa: E402
 from switchjax.train.metrics import setup_console_logging  # noqa: E402
 
@@ -31,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":  # grain worker processes import this module
-    app.run(main)
+    cli.run(main)

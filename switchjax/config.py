@@ -10,6 +10,9 @@ the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
+
 import ml_collections
 
 ROUTERS = ("top1", "topk", "expert_choice", "dropless")
@@ -22,15 +25,64 @@ DTYPES = ("float32", "bfloat16")
 EXPERT_KERNELS = ("auto", "xla", "cpu")  # see switchjax/kernels.py
 
 
-class ConfigError(ValueError):
+class ReportedError(Exception):
+    """An error whose message says all there is to say (what, where, the fix). The
+    programs under experiments/ print it as one line, without a traceback, and exit
+    with `exit_status` (experiments/cli.py)."""
+
+    exit_status = 1
+
+
+class UserError(ReportedError):
+    """A user input (config field, flag, file) or environment (disk, permissions) that
+    cannot work, found before or instead of doing the work; exit status 2."""
+
+    exit_status = 2
+
+
+class ConfigError(UserError, ValueError):
     """A user input that cannot work; the message names the field, the value, the problem
     and the fix."""
 
 
-def fail(field: str, value, problem: str, fix: str):
-    """Raises `ConfigError("<field>=<value>: <problem>. Fix: <fix>.")`: the one message
-    style of every check of user input."""
-    raise ConfigError(f"{field}={value!r}: {problem}. Fix: {fix}.")
+def message(field: str, value, problem: str, fix: str) -> str:
+    """`<field>=<value>: <problem>. Fix: <fix>.`: the one message style of user errors."""
+    return f"{field}={value!r}: {problem}. Fix: {fix}."
+
+
+def fail(field: str, value, problem: str, fix: str, error: type = ConfigError):
+    """Raises `error(message(field, value, problem, fix))` (a ConfigError unless told):
+    every check of user input fails through here."""
+    raise error(message(field, value, problem, fix))
+
+
+def check_types(section: str, values: Mapping, defaults: Mapping) -> None:
+    """Every `section.<name>` of `values` has the type of its default in `defaults`:
+    integers (not bools) for int fields, finite numbers for float fields, bools, strings,
+    tuples/lists of strings. Unknown names are errors."""
+    unknown = sorted(set(values.keys()) - set(defaults.keys()))
+    if unknown:
+        fail(f"{section}.{unknown[0]}", values[unknown[0]], "is not a known field",
+             f"use one of {sorted(defaults.keys())}")
+    for name, default in defaults.items():
+        value, field = values[name], f"{section}.{name}"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                fail(field, value, "must be True or False", "set a bool")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(field, value, "must be an integer", f"e.g. {default}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                fail(field, value, "must be a number", f"e.g. {default}")
+            if not math.isfinite(value):
+                fail(field, value, "must be finite", f"e.g. {default}")
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                fail(field, value, "must be a string", f"e.g. {default!r}")
+        elif isinstance(default, (tuple, list)):
+            if not (isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)):
+                fail(field, value, "must be a tuple of strings", f"e.g. {tuple(default)!r}")
 
 
 def check_groups(group_size: int, rows: int, lengths, shards: int = 1) -> None:
@@ -193,7 +245,23 @@ class ModelConfig:
         return self.moe.expert_d_ff or self.d_ff
 
     def validate(self) -> None:
-        m = self.moe
+        """Raises ConfigError naming the first field that cannot work: types, then the
+        model fields, then (if any FFN is sparse) the moe fields."""
+        self._validate_types()
+        self._validate_model()
+        self._validate_scales()
+        self._validate_relative_attention()
+        if self.num_moe_layers:
+            self._validate_moe()
+            self._validate_moe_options()
+            self._validate_moe_coefficients()
+
+    def _validate_types(self) -> None:
+        check_types("model", {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                              if f.name != "moe"}, _defaults(ModelConfig))
+        check_types("moe", dataclasses.asdict(self.moe), _defaults(MoeConfig))
+
+    def _validate_model(self) -> None:
         if self.family not in FAMILIES:
             fail("model.family", self.family, "unknown model family", f"use one of {FAMILIES}")
         if self.activation not in ACTIVATIONS:
@@ -215,8 +283,10 @@ class ModelConfig:
             fail("model.dropout_rate", self.dropout_rate, "must be in [0, 1)", "e.g. 0.1")
         for stack in ("encoder", "decoder"):
             self.moe_layer_indices(stack)  # raises on a bad spec
-        if self.num_moe_layers == 0:
-            return
+
+    def _validate_moe(self) -> None:
+        """Router, dispatch, kernel, experts and K, and which of them go together."""
+        m = self.moe
         if m.router not in ROUTERS:
             fail("moe.router", m.router, "unknown router", f"use one of {ROUTERS}")
         if m.dispatch not in DISPATCHES:
@@ -252,6 +322,10 @@ class ModelConfig:
             fail("moe.dispatch", m.dispatch,
                   "the ragged dispatch runs token-choice routing (top1, topk, dropless)",
                   "use moe.dispatch='gather' or 'einsum' with expert choice")
+
+    def _validate_moe_options(self) -> None:
+        """Capacity, group sizes, noise, dtypes, dropped tokens, causality."""
+        m = self.moe
         for name in ("capacity_factor_train", "capacity_factor_eval"):
             if getattr(m, name) <= 0:
                 fail(f"moe.{name}", getattr(m, name), "must be > 0",
@@ -336,6 +410,57 @@ class ModelConfig:
             fail("moe.ntlb_ranks", m.ntlb_ranks,
                  f"a token can try at most the E={fewest} experts of its layer",
                  f"set it <= {fewest}")
+
+
+    def _validate_scales(self) -> None:
+        """Init scale, layer-norm epsilon and the output softmax's z-loss coefficient."""
+        if self.init_scale <= 0:
+            fail("model.init_scale", self.init_scale, "must be > 0 (the standard deviation of "
+                 "the dense weights' truncated-normal init is init_scale / sqrt(fan_in))",
+                 "use 1.0 (T5) or 0.1 (the Switch paper)")
+        if self.layer_norm_epsilon <= 0:
+            fail("model.layer_norm_epsilon", self.layer_norm_epsilon,
+                 "must be > 0 (RMSNorm divides by sqrt(mean(x^2) + epsilon))", "e.g. 1e-6")
+        if self.logit_z_loss < 0:
+            fail("model.logit_z_loss", self.logit_z_loss, "must be >= 0 (a loss coefficient)",
+                 "use 0 (off) or e.g. 1e-4")
+
+    def _validate_relative_attention(self) -> None:
+        """T5's buckets (layers.relative_position_bucket): half of the buckets (a quarter
+        per direction in the bidirectional encoder) hold exact offsets, the rest are
+        log-spaced up to max_distance, which must lie beyond the exact range."""
+        buckets = self.relative_attention_num_buckets
+        least = 4 if self.family == "encoder_decoder" else 2
+        if buckets < least:
+            fail("model.relative_attention_num_buckets", buckets,
+                 f"must be at least {least} for model.family={self.family!r} (else the exact "
+                 f"range of {'each direction of ' if least == 4 else ''}the buckets is empty)",
+                 "use 32 (T5)")
+        if self.relative_attention_max_distance <= buckets // 2:
+            fail("model.relative_attention_max_distance", self.relative_attention_max_distance,
+                 f"must exceed the {buckets // 2} exact offsets of the decoder's "
+                 f"{buckets} buckets (the log-spaced buckets span exact range .. max_distance)",
+                 f"use e.g. {max(128, 4 * buckets)} (T5: 128 for 32 buckets)")
+
+    def _validate_moe_coefficients(self) -> None:
+        """The router and expert init scales and the router loss coefficients."""
+        m = self.moe
+        for name in ("router_init_scale", "expert_init_scale"):
+            if getattr(m, name) <= 0:
+                fail(f"moe.{name}", getattr(m, name),
+                     "must be > 0 (the standard deviation of a truncated-normal init)",
+                     "use 0.1 (the Switch paper) or 1.0")
+        for name, example in (("aux_loss_coef", "0.01 (the paper's alpha)"),
+                              ("z_loss_coef", "0.001 (ST-MoE)")):
+            if getattr(m, name) < 0:
+                fail(f"moe.{name}", getattr(m, name), "must be >= 0 (a loss coefficient)",
+                     f"use 0 (off) or e.g. {example}")
+
+
+def _defaults(cls) -> dict:
+    """{field: default} of a config dataclass (its nested dataclasses left out)."""
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
 
 
 def parse_layer_spec(spec: str, num_layers: int, field: str) -> tuple[int, ...]:

@@ -47,17 +47,18 @@ def truncated_normal(scale: float, names: tuple, **kw):
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
-                   causal: bool) -> jax.Array:
+                   causal: bool, q_offset=0) -> jax.Array:
     """<bool>[B, 1, Q, K]: same non-padding segment (and key <= query if causal).
 
     Segment ids are 1, 2, ... for packed examples and 0 for padding; tokens never
-    attend across a segment boundary.
+    attend across a segment boundary. Query q sits at key position `q_offset + q`
+    (cached decoding: the new tokens start at `q_offset` in the cache).
     """
     mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
     mask &= (q_segment_ids[:, :, None] > 0) & (kv_segment_ids[:, None, :] > 0)
     if causal:
         q_len, k_len = q_segment_ids.shape[1], kv_segment_ids.shape[1]
-        mask &= jnp.arange(q_len)[:, None] >= jnp.arange(k_len)[None, :]
+        mask &= (q_offset + jnp.arange(q_len))[:, None] >= jnp.arange(k_len)[None, :]
     return mask[:, None]
 
 
@@ -96,18 +97,20 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
 
 
 class RelativePositionBias(nn.Module):
-    """One table per stack, shared by its layers: <[1, H, Q, K]> bias."""
+    """One table per stack, shared by its layers: <[1, H, Q, K]> bias.
+
+    Query q sits at key position `q_offset + q` (cached decoding)."""
 
     config: ModelConfig
     bidirectional: bool
 
     @nn.compact
-    def __call__(self, q_len: int, k_len: int):
+    def __call__(self, q_len: int, k_len: int, q_offset=0):
         cfg = self.config
         table = self.param("rel_embedding", truncated_normal(1.0, ("heads", "relpos_buckets"),
                                                              in_axis=-1, out_axis=-2),
                            (cfg.num_heads, cfg.relative_attention_num_buckets), jnp.float32)
-        rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
+        rel = jnp.arange(k_len)[None, :] - (q_offset + jnp.arange(q_len))[:, None]
         buckets = relative_position_bucket(rel, self.bidirectional,
                                            cfg.relative_attention_num_buckets,
                                            cfg.relative_attention_max_distance)
@@ -115,12 +118,21 @@ class RelativePositionBias(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention without biases or 1/sqrt(A) scaling (folded into q's init)."""
+    """Multi-head attention without biases or 1/sqrt(A) scaling (folded into q's init).
+
+    Cached decoding (`cache_index` given, the 'cache' collection mutable): the keys
+    and values of `kv_BKD` are written into the cache, <[B, T, H, A]> each with
+    T = mask_B1QK.shape[-1], at positions `cache_index`, ..., and the queries attend
+    over the whole cache (the mask hides what is not written yet). With `kv_BKD`
+    None the cache is read as it is: cross-attention computes the encoder's keys and
+    values at its first call only.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BQD, kv_BKD, mask_B1QK, bias_1HQK=None, *, train: bool):
+    def __call__(self, x_BQD, kv_BKD, mask_B1QK, bias_1HQK=None, *, train: bool,
+                 cache_index=None):
         cfg = self.config
         H, A, D = cfg.num_heads, cfg.head_dim, cfg.d_model
         dtype = x_BQD.dtype
@@ -133,10 +145,23 @@ class Attention(nn.Module):
         qkv = dict(in_axis=0, out_axis=(1, 2))
         q = jnp.einsum("bqd,dha->bqha", x_BQD,
                        proj("query", s / A, (D, H, A), ("embed", "heads", "kv"), **qkv))
-        k = jnp.einsum("bkd,dha->bkha", kv_BKD,
-                       proj("key", s, (D, H, A), ("embed", "heads", "kv"), **qkv))
-        v = jnp.einsum("bkd,dha->bkha", kv_BKD,
-                       proj("value", s, (D, H, A), ("embed", "heads", "kv"), **qkv))
+        k = v = None
+        if kv_BKD is not None:
+            k = jnp.einsum("bkd,dha->bkha", kv_BKD,
+                           proj("key", s, (D, H, A), ("embed", "heads", "kv"), **qkv))
+            v = jnp.einsum("bkd,dha->bkha", kv_BKD,
+                           proj("value", s, (D, H, A), ("embed", "heads", "kv"), **qkv))
+        if cache_index is not None:
+            shape = (x_BQD.shape[0], mask_B1QK.shape[-1], H, A)
+            cached = [self.variable("cache", name, jnp.zeros, shape, dtype)
+                      for name in ("key", "value")]
+            for var, new in zip(cached, (k, v)):
+                if new is not None:
+                    var.value = nn.with_logical_constraint(
+                        jax.lax.dynamic_update_slice(var.value, new.astype(dtype),
+                                                     (0, cache_index, 0, 0)),
+                        ("batch", "length", "heads", "kv"))
+            k, v = (var.value for var in cached)
         logits = jnp.einsum("bqha,bkha->bhqk", q, k).astype(jnp.float32)
         if bias_1HQK is not None:
             logits = logits + bias_1HQK

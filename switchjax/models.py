@@ -13,12 +13,18 @@ the packed positions, and attention never crosses segments.
 when layers differ in E), or None for a dense model. `variables` holds `params`
 and, with `moe.balance_bias_rate` > 0, the `moe.BALANCE` collection of selection
 biases (outside the gradient; `update_balance_bias` steps it after each update).
+
+Cached decoding (`switchjax.decoding`) passes a `CacheStep` to the decoder
+(`EncoderDecoder.decode`, `DecoderOnly.__call__`) and makes the 'cache'
+collection mutable: the Lt decoder tokens of the batch are then the new tokens at
+cache positions `index`, ..., and attend to everything cached before them.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -62,6 +68,19 @@ def update_balance_bias(model_state: dict, selected_load_LE: jax.Array,
     return {**model_state, BALANCE: unflatten_dict(flat)}
 
 
+@flax.struct.dataclass
+class CacheStep:
+    """Where a cached decoding call's L new decoder tokens go.
+
+    index: <int32>[] cache position of the first new token (the others follow).
+    segment_ids: <int32>[B, T] segment id of every cache position (0 = padding);
+      positions not written yet are hidden by the causal mask whatever their id.
+    """
+
+    index: jax.Array
+    segment_ids: jax.Array
+
+
 class Block(nn.Module):
     """Pre-norm residual block: self-attention, [cross-attention], dense or sparse FFN."""
 
@@ -73,17 +92,18 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, self_mask, self_bias, token_mask, *, train: bool,
-                 encoded=None, cross_mask=None):
+                 encoded=None, cross_mask=None, cache_index=None):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate)
         h = RMSNorm(cfg.layer_norm_epsilon, name="pre_self_attention_norm")(x)
-        x = x + drop(Attention(cfg, name="self_attention")(h, h, self_mask, self_bias, train=train),
+        x = x + drop(Attention(cfg, name="self_attention")(h, h, self_mask, self_bias, train=train,
+                                                           cache_index=cache_index),
                      deterministic=not train)
-        if self.cross:
+        if self.cross:  # cached decoding: the encoder's keys/values, from position 0
             h = RMSNorm(cfg.layer_norm_epsilon, name="pre_cross_attention_norm")(x)
-            x = x + drop(Attention(cfg, name="cross_attention")(h, encoded, cross_mask,
-                                                                train=train),
-                         deterministic=not train)
+            x = x + drop(Attention(cfg, name="cross_attention")(
+                h, encoded, cross_mask, train=train,
+                cache_index=None if cache_index is None else 0), deterministic=not train)
         h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_norm")(x)
         stats = None
         if self.sparse:
@@ -96,7 +116,12 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """Embedded tokens -> L blocks -> final norm. Returns (hidden, [RouterStats, ...])."""
+    """Embedded tokens -> L blocks -> final norm. Returns (hidden, [RouterStats, ...]).
+
+    With a `CacheStep` the L tokens are new tokens at cache positions `cache.index`, ...
+    that attend to the cached ones (decoder stack, cached decoding); `encoded` may then
+    be None after the first call (the cross-attention keys/values are cached).
+    """
 
     config: ModelConfig
     name_prefix: str  # 'encoder' or 'decoder'
@@ -104,14 +129,18 @@ class Stack(nn.Module):
     cross: bool
 
     @nn.compact
-    def __call__(self, x, segment_ids, *, train: bool, encoded=None, encoder_segment_ids=None):
+    def __call__(self, x, segment_ids, *, train: bool, encoded=None, encoder_segment_ids=None,
+                 cache: Optional[CacheStep] = None):
         cfg = self.config
         n = cfg.num_encoder_layers if self.name_prefix == "encoder" else cfg.num_decoder_layers
         sparse = set(cfg.moe_layer_indices(self.name_prefix))
         L = x.shape[1]
-        self_mask = attention_mask(segment_ids, segment_ids, self.causal)
+        kv_segment_ids, offset, index = segment_ids, 0, None
+        if cache is not None:
+            kv_segment_ids, offset, index = cache.segment_ids, cache.index, cache.index
+        self_mask = attention_mask(segment_ids, kv_segment_ids, self.causal, offset)
         bias = RelativePositionBias(cfg, bidirectional=not self.causal,
-                                    name="relpos_bias")(L, L)
+                                    name="relpos_bias")(L, kv_segment_ids.shape[1], offset)
         cross_mask = (attention_mask(segment_ids, encoder_segment_ids, False)
                       if self.cross else None)
         token_mask = segment_ids > 0
@@ -122,7 +151,7 @@ class Stack(nn.Module):
             x, s = Block(cfg, sparse=i in sparse, causal=self.causal, cross=self.cross,
                          num_experts=experts, name=f"layer_{i}")(
                 x, self_mask, bias, token_mask, train=train, encoded=encoded,
-                cross_mask=cross_mask)
+                cross_mask=cross_mask, cache_index=index)
             if s is not None:
                 stats.append(s)
         x = RMSNorm(cfg.layer_norm_epsilon, name="final_norm")(x)
@@ -159,8 +188,8 @@ class _LanguageModel(nn.Module):
         return jnp.einsum("bld,dv->blv", x, kernel.astype(x.dtype)).astype(jnp.float32)
 
 
-def _segments(batch, key, tokens, default_fn):
-    return batch[key] if key in batch else default_fn(tokens).astype(jnp.int32)
+def _segments(batch, key, tokens_key, default_fn):
+    return batch[key] if key in batch else default_fn(batch[tokens_key]).astype(jnp.int32)
 
 
 class EncoderDecoder(_LanguageModel):
@@ -174,17 +203,21 @@ class EncoderDecoder(_LanguageModel):
     def encode(self, batch, *, train: bool = False):
         """-> (<[B, Li, D]> encoder output, [RouterStats per sparse encoder layer])."""
         tokens = batch["encoder_input_tokens"]
-        seg = _segments(batch, "encoder_segment_ids", tokens, lambda t: t > 0)
+        seg = _segments(batch, "encoder_segment_ids", "encoder_input_tokens", lambda t: t > 0)
         return self.encoder(self.embed(tokens), seg, train=train)
 
-    def decode(self, batch, encoded, *, train: bool = False):
-        """-> (<float32>[B, Lt, V] logits, [RouterStats per sparse decoder layer])."""
+    def decode(self, batch, encoded, *, train: bool = False,
+               cache: Optional[CacheStep] = None):
+        """-> (<float32>[B, Lt, V] logits, [RouterStats per sparse decoder layer]).
+
+        With `cache` (cached decoding), `encoded` is needed at the first call only.
+        """
         tokens = batch["decoder_input_tokens"]
-        seg = _segments(batch, "decoder_segment_ids", tokens, jnp.ones_like)
-        enc_seg = _segments(batch, "encoder_segment_ids", batch["encoder_input_tokens"],
+        seg = _segments(batch, "decoder_segment_ids", "decoder_input_tokens", jnp.ones_like)
+        enc_seg = _segments(batch, "encoder_segment_ids", "encoder_input_tokens",
                             lambda t: t > 0)
         x, stats = self.decoder(self.embed(tokens), seg, train=train, encoded=encoded,
-                                encoder_segment_ids=enc_seg)
+                                encoder_segment_ids=enc_seg, cache=cache)
         return self.logits(x), stats
 
     def __call__(self, batch, *, train: bool = False):
@@ -200,10 +233,10 @@ class DecoderOnly(_LanguageModel):
         super().setup()
         self.decoder = Stack(self.config, "decoder", causal=True, cross=False)
 
-    def __call__(self, batch, *, train: bool = False):
+    def __call__(self, batch, *, train: bool = False, cache: Optional[CacheStep] = None):
         tokens = batch["decoder_input_tokens"]
-        seg = _segments(batch, "decoder_segment_ids", tokens, jnp.ones_like)
-        x, stats = self.decoder(self.embed(tokens), seg, train=train)
+        seg = _segments(batch, "decoder_segment_ids", "decoder_input_tokens", jnp.ones_like)
+        x, stats = self.decoder(self.embed(tokens), seg, train=train, cache=cache)
         return self.logits(x), stack_stats(stats)
 
 

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from switchjax.config import ConfigError, ModelConfig, check_groups
+from switchjax.config import ModelConfig, check_groups, check_types, fail
 
 MESH_AXES = ("data", "expert", "model")
 BATCH = ("data", "expert")
@@ -64,26 +64,44 @@ def get_mesh_config() -> ml_collections.ConfigDict:
     ))
 
 
+def validate_mesh_config(mesh_cfg) -> None:
+    """The `mesh` fields alone (types, sizes, process ids), before any device is touched."""
+    check_types("mesh", mesh_cfg, get_mesh_config())
+    for axis in MESH_AXES:
+        if mesh_cfg[axis] == 0 or mesh_cfg[axis] < -1:
+            fail(f"mesh.{axis}", mesh_cfg[axis], "must be a positive size or -1 (the rest)",
+                 "e.g. 1")
+    logical_rules(mesh_cfg)
+    if mesh_cfg.num_processes < 0:
+        fail("mesh.num_processes", mesh_cfg.num_processes, "must be >= 0",
+             "use 0 (auto-detect) or the number of processes")
+    if mesh_cfg.process_id < -1:
+        fail("mesh.process_id", mesh_cfg.process_id, "must be >= -1",
+             "use -1 (auto-detect) or this process's index")
+    if mesh_cfg.num_processes and mesh_cfg.process_id >= mesh_cfg.num_processes:
+        fail("mesh.process_id", mesh_cfg.process_id, f"must be below mesh.num_processes="
+             f"{mesh_cfg.num_processes}", "number the processes 0 .. num_processes - 1")
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     """Resolves one -1 entry to 'the rest' and checks the product is `num_devices`."""
     sizes = [mesh_cfg[a] for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ConfigError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1. "
-                          "Fix: give explicit sizes to all but one of mesh.data/expert/model.")
+        fail("mesh", dict(zip(MESH_AXES, sizes)), "at most one axis may be -1 (the rest)",
+             "give explicit sizes to all but one of mesh.data/expert/model")
     for axis, size in zip(MESH_AXES, sizes):
         if size == 0 or size < -1:
-            raise ConfigError(f"mesh.{axis}={size}: must be a positive size or -1 (the rest).")
+            fail(f"mesh.{axis}", size, "must be a positive size or -1 (the rest)", "e.g. 1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known}) do "
-                              f"not divide the {num_devices} devices. Fix: choose sizes whose "
-                              f"product divides {num_devices}.")
+            fail("mesh", dict(zip(MESH_AXES, sizes)), f"the fixed axes ({known}) do not divide "
+                 f"the {num_devices} devices", f"choose sizes whose product divides {num_devices}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices "
-                          f"but {num_devices} are available. Fix: make mesh.data*mesh.expert*"
-                          f"mesh.model = {num_devices} or set one of them to -1.")
+        fail("mesh", dict(zip(MESH_AXES, sizes)), f"needs {math.prod(sizes)} devices but "
+             f"{num_devices} are available", f"make mesh.data*mesh.expert*mesh.model = "
+             f"{num_devices} or set one of them to -1")
     return tuple(sizes)
 
 
@@ -103,13 +121,12 @@ def logical_rules(mesh_cfg=None) -> tuple[tuple[str, Any], ...]:
     for item in (mesh_cfg.rules if mesh_cfg is not None else ()):
         name, sep, axes = item.partition("=")
         if not sep or name not in rules:
-            raise ConfigError(f"mesh.rules entry {item!r}: expected 'logical=axis[,axis]' with "
-                              f"logical one of {sorted(rules)}.")
+            fail("mesh.rules", item, "expected 'logical=axis[,axis]' with logical one of "
+                 f"{sorted(rules)}", "e.g. 'vocab=' (replicated) or 'embed=model'")
         targets = tuple(a for a in axes.split(",") if a)
         bad = [a for a in targets if a not in MESH_AXES]
         if bad:
-            raise ConfigError(f"mesh.rules entry {item!r}: unknown mesh axis {bad[0]!r}; use "
-                              f"{MESH_AXES}.")
+            fail("mesh.rules", item, f"unknown mesh axis {bad[0]!r}", f"use axes of {MESH_AXES}")
         rules[name] = None if not targets else targets[0] if len(targets) == 1 else targets
     return tuple(rules.items())
 
@@ -155,12 +172,12 @@ def validate_mesh(cfg: ModelConfig, mesh: Mesh, global_batch_size: Optional[int]
     moe = cfg.moe
     if cfg.num_moe_layers and moe.num_experts_per_layer and any(
             n % e for n in moe.num_experts_per_layer):
-        raise ConfigError(f"moe.num_experts_per_layer={moe.num_experts_per_layer}: not every "
-                          f"layer's experts are divisible by mesh.expert={e}. Fix: make the "
-                          "expert axis a divisor of every layer's number of experts.")
+        fail("moe.num_experts_per_layer", moe.num_experts_per_layer,
+             f"not every layer's experts are divisible by mesh.expert={e}",
+             "make the expert axis a divisor of every layer's number of experts")
     if cfg.num_moe_layers and not moe.num_experts_per_layer and moe.num_experts % e:
-        raise ConfigError(f"moe.num_experts={moe.num_experts} is not divisible by mesh.expert={e}. "
-                          "Fix: make the expert axis a divisor of the number of experts.")
+        fail("moe.num_experts", moe.num_experts, f"is not divisible by mesh.expert={e}",
+             "make the expert axis a divisor of the number of experts")
     table = dict(LOGICAL_RULES if rules is None else rules)
     for field, get, logical in _DIVISIBLE:
         axes = table.get(logical)
@@ -168,20 +185,19 @@ def validate_mesh(cfg: ModelConfig, mesh: Mesh, global_batch_size: Optional[int]
         size = math.prod(mesh.shape[a] for a in axes)
         if get(cfg) % size:
             names = " x ".join(f"mesh.{a}" for a in axes)
-            raise ConfigError(f"{field}={get(cfg)} is not divisible by {names}={size} (logical "
-                              f"axis {logical!r} is sharded over {axes}). Fix: use a multiple of "
-                              f"{size}, a smaller {names}, or the mesh.rules override "
-                              f"'{logical}=' to replicate it.")
+            fail(field, get(cfg), f"is not divisible by {names}={size} (logical axis "
+                 f"{logical!r} is sharded over {axes})", f"use a multiple of {size}, a smaller "
+                 f"{names}, or the mesh.rules override '{logical}=' to replicate it")
     if global_batch_size is None:
         return
     if global_batch_size % (d * e):
-        raise ConfigError(f"train.batch_size={global_batch_size} is not divisible by mesh.data x "
-                          f"mesh.expert = {d * e}. Fix: use a multiple of {d * e}.")
+        fail("train.batch_size", global_batch_size, f"is not divisible by mesh.data x "
+             f"mesh.expert = {d * e}", f"use a multiple of {d * e}")
     if jax.process_count() > 1 and (d * e) % jax.process_count():
-        raise ConfigError(f"mesh.data x mesh.expert = {d * e} is not a multiple of the "
-                          f"{jax.process_count()} processes, so processes would share batch "
-                          "rows. Fix: keep mesh.model within one host (at most its local "
-                          "device count) and put the hosts on data/expert.")
+        fail("mesh", dict(mesh.shape), f"mesh.data x mesh.expert = {d * e} is not a multiple "
+             f"of the {jax.process_count()} processes, so processes would share batch rows",
+             "keep mesh.model within one host (at most its local device count) and put the "
+             "hosts on data/expert")
     if cfg.num_moe_layers and moe.expert_parallel:
         check_groups(moe.group_size, global_batch_size, lengths, d * e)
 
@@ -214,10 +230,9 @@ def process_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
                    for r in range(*idx[0].indices(global_batch_size))})
     n = global_batch_size // jax.process_count()
     if len(rows) != n or rows != list(range(rows[0], rows[0] + n)):
-        raise ConfigError(f"mesh {dict(mesh.shape)}: process {jax.process_index()} holds batch "
-                          f"rows {rows[:4]}... instead of a contiguous {n} of the "
-                          f"{global_batch_size}. Fix: put the hosts on mesh.data/mesh.expert "
-                          "(mesh.model within one host).")
+        fail("mesh", dict(mesh.shape), f"process {jax.process_index()} holds batch rows "
+             f"{rows[:4]}... instead of a contiguous {n} of the {global_batch_size}",
+             "put the hosts on mesh.data/mesh.expert (mesh.model within one host)")
     return slice(rows[0], rows[0] + n)
 
 

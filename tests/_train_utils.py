@@ -2,18 +2,23 @@
 
 One data_dir and one JAX persistent compilation cache per test session (the
 training tests compile the same tiny programs many times, in this process and
-in subprocesses; the cache turns the repeats into hits).
+in subprocesses; the cache, which keeps every program however fast it compiled,
+turns the repeats into hits). `reference_run(config)` trains a config once per
+session, for the tests that compare an interrupted run with an uninterrupted one.
 """
 from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 
 import jax
 
@@ -22,6 +27,7 @@ _SESSION = tempfile.mkdtemp(prefix="switchjax_test_train_")
 atexit.register(shutil.rmtree, _SESSION, ignore_errors=True)
 CACHE_DIR = os.path.join(_SESSION, "jax_cache")
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 DATA_FILES = [os.path.join(STDLIB, "json", "*.py"), os.path.join(STDLIB, "email", "*.py")]
@@ -57,6 +63,11 @@ def tiny_config(family: str = "encoder_decoder", **train):
     return config
 
 
+# A short run with checkpoints at steps 2 and 4 (test_checkpoint.py, test_errors.py).
+TWO_CHECKPOINTS = dict(num_train_steps=4, checkpoint_every=2, eval_every=4, max_to_keep=2,
+                       log_every=1)
+
+
 def cli_args(config) -> list[str]:
     """--config.* flags that turn configs/cpu_base.py:smoke into `tiny_config()`'s values."""
     d, t = config.data, config.train
@@ -76,6 +87,7 @@ def env() -> dict:
     e["XLA_FLAGS"] = (e.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     e["JAX_PLATFORMS"] = "cpu"
     e["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     e["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as conftest.py sets in-process
     e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
     return e
@@ -122,3 +134,97 @@ def poison_router(params, cfg, layer: int):
     moe = params[stack][f"layer_{index}"]["moe"]
     moe["router"] = jax.device_put(jnp.full_like(moe["router"], jnp.nan), moe["router"].sharding)
     return params
+
+
+@functools.cache
+def _reference_run(config_json: str) -> str:
+    from ml_collections import ConfigDict
+    from switchjax.train import loop
+    config = ConfigDict(json.loads(config_json))
+    with config.ignore_type():
+        config.data.files, config.mesh.rules = tuple(config.data.files), tuple(config.mesh.rules)
+    workdir = tempfile.mkdtemp(prefix="reference_", dir=_SESSION)
+    loop.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def reference_run(config) -> str:
+    """The workdir of an uninterrupted run of `config`, trained once per session."""
+    return _reference_run(config.to_json_best_effort(sort_keys=True))
+
+
+def assert_same_run(reference: str, workdir: str, keys=("task_loss", "total_loss", "grad_norm",
+                                                        "aux_loss", "accuracy"),
+                    rtol: float = 0.0) -> float:
+    """Same metrics at every logged step and the same final checkpoint: bitwise, or to
+    `rtol` (then returns the largest relative difference of a metric)."""
+    import numpy as np
+    from switchjax.train import checkpoint
+    worst = 0.0
+
+    def same(x, y, what, metric=False):
+        nonlocal worst
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if rtol == 0.0:
+            assert np.array_equal(x, y), what
+            return
+        if metric:
+            worst = max(worst, float(np.max(np.abs(x - y) / np.maximum(np.abs(x), 1e-9))))
+        np.testing.assert_allclose(y, x, rtol=rtol, atol=1e-6, err_msg=str(what))
+
+    for split in ("train", "eval"):
+        a, b = records(reference, split), records(workdir, split)
+        assert sorted(a) == sorted(b), (split, sorted(a), sorted(b))
+        for step in a:
+            for key in keys:
+                if key in a[step]:
+                    same(a[step][key], b[step][key], (split, step, key), metric=True)
+    state_a, step_a = checkpoint.read_state(reference)
+    state_b, step_b = checkpoint.read_state(workdir)
+    assert step_a == step_b
+    la = jax.tree_util.tree_leaves_with_path(state_a)
+    lb = jax.tree_util.tree_leaves_with_path(state_b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        same(x, y, jax.tree_util.keystr(path))
+    return worst
+
+
+def start_worker(config, workdir: str, hook: dict, base="configs/cpu_base.py:smoke",
+                 extra_env=None, extra_args=()) -> subprocess.Popen:
+    """tests/hang_worker.py (the train CLI with the test hook in `hook`, see there)."""
+    return subprocess.Popen(
+        [sys.executable, os.path.join("tests", "hang_worker.py"), "--config", base,
+         *cli_args(config), *extra_args, f"--workdir={workdir}"],
+        cwd=REPO, env={**env(), **hook, **(extra_env or {})}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen, ready, timeout: float = 300, what: str = "") -> None:
+    """Polls `ready()` until true; fails if `proc` exits first or the time runs out."""
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the worker exited ({proc.returncode}) before {what}: "
+                                 f"{proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL and reap."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+def unprivileged() -> list[str]:
+    """Command prefix under which file permissions apply also to root (capabilities that
+    override them dropped with util-linux `setpriv`); [] when not root."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        import pytest
+        pytest.skip("running as root without setpriv: permissions cannot be enforced")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"]

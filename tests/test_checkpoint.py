@@ -1,30 +1,29 @@
-"""Checkpoints: exact resume after SIGKILL, fallback from a truncated checkpoint."""
+"""Checkpoints: which ones are set aside (only the incomplete or corrupt), exact resume.
+
+Kills, preemption, full disks and data errors during a run are in test_faults.py; the
+messages of every checkpoint error in test_errors.py.
+"""
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
-import time
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from _train_utils import REPO, cli_args, env, records, tiny_config
+from _train_utils import TWO_CHECKPOINTS, assert_same_run, reference_run, tiny_config
 from switchjax.config import ConfigError
 from switchjax.train import checkpoint, loop
 
 
-BALANCE_RATE = 0.01
-
-
-def balanced(config):
-    """`config` with aux-loss-free balancing (selection biases) on."""
-    config.moe.balance_bias_rate = BALANCE_RATE
-    return config
+def _copy(tmp_path, name="run") -> str:
+    workdir = str(tmp_path / name)
+    shutil.copytree(reference_run(tiny_config(**TWO_CHECKPOINTS)), workdir)
+    return workdir
 
 
 def _assert_same_tree(a, b):
@@ -34,79 +33,82 @@ def _assert_same_tree(a, b):
         assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_is_exact(tmp_path):
-    """2N steps straight == N steps, SIGKILL in the middle of step N+3, restart.
+def _biggest_data_file(step_dir: str) -> str:
+    return max(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")),
+               key=os.path.getsize)
 
-    The killed run is `python -m experiments.train` in a subprocess; the straight
-    run and the restart call `train_and_evaluate` here with the same config (same
-    8 host devices, matmul precision and compiled programs as the subprocess).
-    The runs balance their experts with aux-loss-free selection biases as well as
-    the aux loss: the biases are train state, saved and restored with it.
-    """
-    config = balanced(tiny_config(log_every=1))  # N = checkpoint_every = 10, 2N = 20 steps
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    victim = subprocess.Popen(
-        [sys.executable, os.path.join("tests", "hang_worker.py"), "--config",
-         "configs/cpu_base.py:smoke", *cli_args(config), "--workdir", resumed,
-         f"--config.moe.balance_bias_rate={BALANCE_RATE}"],
-        cwd=REPO, env={**env(), "HANG_AT_STEP": "13"}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300
-        ckpt10 = os.path.join(resumed, "checkpoints", "10")
-        while not (os.path.exists(os.path.join(resumed, "HANG")) and os.path.isdir(ckpt10)):
-            assert victim.poll() is None, victim.stderr.read()[-3000:]
-            assert time.time() < deadline, "the run to be killed never reached step 13"
-            time.sleep(0.2)
-    finally:
-        victim.send_signal(signal.SIGKILL)
-        victim.communicate()
-    assert 12 in records(resumed, "train")  # it really got past the checkpoint
-    assert not os.path.exists(os.path.join(resumed, "checkpoints", "20"))
 
-    loop.train_and_evaluate(balanced(tiny_config(log_every=1)), straight)
-    loop.train_and_evaluate(balanced(tiny_config(log_every=1)), resumed)
+def _truncate(path: str, size: int = 0) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
 
-    for split in ("train", "eval"):
-        a, b = records(straight, split), records(resumed, split)
-        assert sorted(a) == sorted(b)
-        for step in a:
-            for key in ("task_loss", "total_loss", "grad_norm", "aux_loss", "accuracy"):
-                if key in a[step]:
-                    assert a[step][key] == b[step][key], (split, step, key)
-    state_a, step_a = checkpoint.read_state(straight)
-    state_b, step_b = checkpoint.read_state(resumed)
-    assert step_a == step_b == 20
-    _assert_same_tree(state_a, state_b)  # params, optimizer state and biases, bitwise
-    biases = jax.tree.leaves(state_a["model_state"])
-    assert len(biases) == 2 and all(np.abs(b).max() > 0 for b in biases)  # 2 MoE layers
+
+def _zeros_at_start(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.write(b"\0" * 64)
+
+
+# Damage done to step 4 of a real checkpoint: (what, how, the diagnosis' kind, its words).
+DAMAGE = [
+    ("state/_METADATA truncated", lambda d: _truncate(os.path.join(d, "state", "_METADATA"), 100),
+     "corrupt", "state/_METADATA is not valid JSON"),
+    ("array data overwritten", lambda d: _zeros_at_start(_biggest_data_file(d)), "corrupt",
+     "decompress"),
+    ("array data file deleted", lambda d: os.remove(_biggest_data_file(d)), "corrupt",
+     "Truncated"),
+    ("state index truncated", lambda d: _truncate(os.path.join(d, "state", "manifest.ocdbt"), 20),
+     "corrupt", "DATA_LOSS"),
+    ("data iterator state deleted",
+     lambda d: os.remove(os.path.join(d, "data", "process_0-of-1.json")), "incomplete",
+     "data/process_0-of-1.json is missing"),
+    ("emptied", lambda d: [shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+                           for p in glob.glob(os.path.join(d, "*"))], "incomplete",
+     "its state/ directory is missing"),
+]
 
 
 @pytest.mark.slow
-def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
-    workdir = str(tmp_path / "run")
-    first = loop.train_and_evaluate(tiny_config(), workdir)
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+def test_real_damage_is_diagnosed_and_only_the_damaged_step_set_aside(tmp_path, caplog):
+    """Each kind of damage to the newest step, as Orbax and tensorstore report it, is
+    evidence against that step: step 2 restores, step 4 moves to checkpoints_bad/ with
+    its reason, nothing is deleted."""
+    run = loop._Run(tiny_config(**TWO_CHECKPOINTS), str(tmp_path / "abstract"))
+    run.build()
+    for what, damage, kind, words in DAMAGE:
+        workdir = _copy(tmp_path, what.replace(" ", "_").replace("/", "_"))
+        damage(os.path.join(workdir, "checkpoints", "4"))
+        caplog.clear()
+        ckpt = checkpoint.Checkpointer(workdir, 2)
+        with caplog.at_level(logging.WARNING):
+            state, step = ckpt.restore_latest(run.abstract, run.train_iter)
+        ckpt.close()
+        assert step == 2 and int(state.step) == 2, what
+        warning = next(r.getMessage() for r in caplog.records
+                       if r.getMessage().startswith("Checkpoint step 4"))
+        assert f"is {kind}: " in warning and words in warning, (what, warning)
+        bad = os.path.join(workdir, "checkpoints_bad")
+        assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"], what
+        assert sorted(os.listdir(bad)) == ["4", "4.reason.txt"], what
+        with open(os.path.join(bad, "4.reason.txt")) as f:
+            assert words in f.read(), what
+
+
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_is_set_aside_and_the_rerun_is_exact(tmp_path, caplog):
+    workdir = _copy(tmp_path)
     # A write that lost the tail of its files. (Orbax does not read every file of a
     # step - some OCDBT data files can be cut without effect - so cut them all.)
-    state_dir = os.path.join(workdir, "checkpoints", "20", "state")
-    for d, _, names in os.walk(state_dir):
+    for d, _, names in os.walk(os.path.join(workdir, "checkpoints", "4", "state")):
         for name in names:
-            with open(os.path.join(d, name), "r+b") as f:
-                f.truncate(os.path.getsize(os.path.join(d, name)) // 2)
-
+            _truncate(os.path.join(d, name), os.path.getsize(os.path.join(d, name)) // 2)
+    os.remove(os.path.join(workdir, loop.FINAL))  # the step-4 results must be computed again
     with caplog.at_level(logging.WARNING):
-        second = loop.train_and_evaluate(tiny_config(), workdir)
+        loop.train_and_evaluate(tiny_config(**TWO_CHECKPOINTS), workdir)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("Checkpoint step 20" in w and "cannot be restored" in w for w in warnings), warnings
-    assert os.path.isdir(os.path.join(workdir, "checkpoints_bad", "20"))
-    # Resumed from step 10 and redid steps 11-20 identically.
-    assert second["step"] == 20
-    assert second["eval/task_loss"] == first["eval/task_loss"]
-    assert second["train/task_loss"] == first["train/task_loss"]
-    state, step = checkpoint.read_state(workdir)
-    assert step == 20 and int(state["step"]) == 20
+    assert any(w.startswith("Checkpoint step 4") and "is corrupt: " in w for w in warnings)
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_bad", "4"))
+    # Resumed from step 2 and redid steps 3-4 identically.
+    assert_same_run(reference_run(tiny_config(**TWO_CHECKPOINTS)), workdir)
 
 
 @pytest.mark.slow
@@ -152,14 +154,45 @@ def test_config_changes_allow_only_resumable_fields():
     assert "moe.jitter_noise: 0.0 -> 0.123" in checkpoint.config_changes(saved, now)
 
 
-def test_unreadable_checkpoints_are_an_error_not_a_fresh_start(tmp_path):
+def test_incomplete_checkpoints_are_set_aside_and_an_error_not_a_fresh_start(tmp_path):
     ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2, async_save=False)
     os.makedirs(os.path.join(ckpt.directory, "7"))  # a step directory with nothing inside
     ckpt.manager.reload()
     abstract = {"w": jax.ShapeDtypeStruct((2,), np.float32)}
-    with pytest.raises(checkpoint.CheckpointError, match="step 7"):
+    with pytest.raises(checkpoint.CheckpointError, match="every checkpoint in it is incomplete "
+                       r"or corrupt \(step 7: its state/ directory is missing\)"):
         ckpt.restore_latest(abstract)
-    assert ckpt.all_steps() == [7]  # left in place
+    assert ckpt.all_steps() == []  # set aside, kept
+    assert os.path.isdir(os.path.join(tmp_path, "checkpoints_bad", "7"))
+    assert ckpt.restore_latest(abstract) == (None, 0)  # the rerun starts from step 0
+    os.makedirs(os.path.join(ckpt.directory, "7"))  # the same step again: kept beside it
+    ckpt.manager.reload()
+    with pytest.raises(checkpoint.CheckpointError):
+        ckpt.restore_latest(abstract)
+    assert sorted(os.listdir(tmp_path / "checkpoints_bad")) == ["7", "7.1", "7.1.reason.txt",
+                                                                 "7.reason.txt"]
+    ckpt.close()
+
+
+def test_read_errors_that_are_no_evidence_move_nothing(tmp_path, monkeypatch):
+    """A storage error (EIO, permission, timeout) or a checkpoint that does not fit the
+    model stops the run; every step stays where it is."""
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2, async_save=False)
+    for step in (3, 7):
+        os.makedirs(os.path.join(ckpt.directory, str(step)))
+    ckpt.manager.reload()
+    errors = [OSError(5, "Input/output error"), PermissionError(13, "Permission denied"),
+              ValueError("UNAVAILABLE: connection reset"), ValueError("shapes differ")]
+    for error in errors:
+        def restore(self, step, *args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(checkpoint.Checkpointer, "restore", restore)
+        monkeypatch.setattr(checkpoint.faults, "inspect_step", lambda *a: None)
+        with pytest.raises(checkpoint.CheckpointReadError, match="checkpoints/7': cannot be "
+                           "read: .*Nothing was moved"):
+            ckpt.restore_latest({"w": jax.ShapeDtypeStruct((2,), np.float32)})
+        assert ckpt.all_steps() == [3, 7]
+    assert not os.path.exists(tmp_path / "checkpoints_bad")
     ckpt.close()
 
 

@@ -102,7 +102,7 @@ def test_t5_base_is_the_flop_matched_dense_switch_base():
 
 
 def test_config_arguments_are_checked():
-    with pytest.raises(ValueError, match="'smok' is unknown"):
+    with pytest.raises(ValueError, match="config argument='smok': is unknown"):
         _config("switch_base", "smok")
 
 

@@ -8,9 +8,10 @@ import pytest
 
 from _train_utils import tiny_config
 from experiments import inspect as inspect_cli
-from switchjax.config import ModelConfig
+from switchjax.config import ConfigError, ModelConfig
 from switchjax.data import make_tokenizer
 from switchjax.train import train_and_evaluate
+from switchjax.train.checkpoint import CheckpointError
 from switchjax.train.loop import moe_layer_names
 
 TEXT = "def add(x, y):\n    return x + y  # The sum of two numbers."
@@ -47,15 +48,15 @@ def test_inspect_trained_run(tmp_path, capsys):
     top = json.loads((tmp_path / "png" / "text.json").read_text())
     assert list(top) == names and all(len(experts) == num_experts for experts in top.values())
 
-    with pytest.raises(SystemExit, match="--text is empty"):
+    with pytest.raises(ConfigError, match=re.escape("--text=' \\n': is empty. Fix")):
         inspect_cli.main(["--workdir", workdir, "--text", " \n"])
-    with pytest.raises(SystemExit, match="step 3: no such checkpoint"):
+    with pytest.raises(CheckpointError, match="--step=3: no such checkpoint"):
         inspect_cli.main(["--workdir", workdir, "--text", TEXT, "--step", "3"])
 
 
 def test_inspect_errors_name_the_flag(tmp_path):
-    with pytest.raises(SystemExit, match="config.json does not exist: --workdir="):
+    with pytest.raises(ConfigError, match="--workdir=.*: is not a run directory"):
         inspect_cli.main(["--workdir", str(tmp_path), "--text", TEXT])
     (tmp_path / "config.json").write_text(_config().to_json_best_effort())
-    with pytest.raises(SystemExit, match="holds no checkpoint. Fix: use the workdir"):
+    with pytest.raises(CheckpointError, match="holds no checkpoint. Fix: use the workdir"):
         inspect_cli.main(["--workdir", str(tmp_path), "--text", TEXT])

@@ -1,11 +1,16 @@
 """Two processes on loopback (4 CPU devices each) = one process with 8 devices.
 
-Each child runs tests/multihost_worker.py: `jax.distributed.initialize` through
-`switchjax.sharding.maybe_initialize_distributed` (gloo CPU collectives), one
-global (1, 4, 2) mesh whose expert axis spans both processes, the sharded state,
-its own half of the global batch, one train step. The loss and a checksum of
-the updated parameters must equal those of the same step in this (8-device)
-process, to float tolerance.
+`test_two_processes_match_one_process`: each child runs tests/multihost_worker.py:
+`jax.distributed.initialize` through `switchjax.sharding.maybe_initialize_distributed`
+(gloo CPU collectives), one global (1, 4, 2) mesh whose expert axis spans both
+processes, the sharded state, its own half of the global batch, one train step. The
+loss and a checksum of the updated parameters must equal those of the same step in
+this (8-device) process, to float tolerance.
+
+`test_killed_two_process_run_resumes_to_the_one_process_result`: the train CLI in two
+processes (tests/hang_worker.py) writes checkpoints (each process its shards and its
+data iterator's position), both are SIGKILLed past a checkpoint, two fresh processes
+resume, and the run ends as the same run in one process does.
 """
 from __future__ import annotations
 
@@ -79,3 +84,44 @@ def test_two_processes_match_one_process():
                           ("param_sum", 1e-5), ("param_sum_sq", 1e-6)):
             assert c[key] == pytest.approx(single[key], rel=rtol, abs=1e-6), key
     assert single["dropped_fraction"] > 0
+
+
+def _two_processes(config, workdir, hook=None):
+    """The train CLI (tests/hang_worker.py) as 2 processes of 4 devices on loopback."""
+    from _train_utils import start_worker
+    port = free_port()
+    return [start_worker(config, workdir, hook or {}, extra_env={
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, extra_args=(
+        "--config.mesh.distributed=True", f"--config.mesh.coordinator_address=127.0.0.1:{port}",
+        "--config.mesh.num_processes=2", f"--config.mesh.process_id={i}")) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_to_the_one_process_result(tmp_path):
+    from _train_utils import assert_same_run, kill, reference_run, tiny_config, wait_for
+    config = tiny_config(num_train_steps=6, checkpoint_every=2, eval_every=6, log_every=1,
+                         max_to_keep=1)  # test_faults.fault_config(): one reference run
+    workdir = str(tmp_path / "run")
+    procs = _two_processes(config, workdir, {"HANG_AT_STEP": "5"})
+    step4 = os.path.join(workdir, "checkpoints", "4")
+    try:
+        for p in procs:
+            wait_for(p, lambda: os.path.exists(os.path.join(workdir, "HANG"))
+                     and os.path.isdir(step4), TIMEOUT_S, "step 5 of the 2-process run")
+    finally:
+        for p in procs:
+            kill(p)
+    # Each process wrote its own shards and its own data iterator position.
+    assert sorted(os.listdir(os.path.join(step4, "data"))) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(os.path.join(step4, "state")))
+
+    procs = _two_processes(config, workdir)
+    for p in procs:
+        _, stderr = p.communicate(timeout=TIMEOUT_S)
+        assert p.returncode == 0, stderr[-3000:]
+    # Two processes reduce across hosts (gloo) in another order than one process does:
+    # equal to float tolerance, as in test_two_processes_match_one_process.
+    worst = assert_same_run(reference_run(config), workdir, rtol=1e-4)
+    print(f"\n2 processes, killed before step 5, resumed from step 4: metrics within "
+          f"{worst:.1e} (relative) of 1 process, final state within rtol 1e-4")

@@ -421,7 +421,7 @@ def test_mesh_and_config_errors_name_the_field_and_fix():
                            ("vocab=tensor", "unknown mesh axis 'tensor'")):
         mc = sh.get_mesh_config()
         mc.rules = (entry,)
-        with pytest.raises(ConfigError, match=rf"mesh.rules entry {entry!r}.*{pattern}"):
+        with pytest.raises(ConfigError, match=rf"mesh.rules={entry!r}: .*{pattern}"):
             sh.logical_rules(mc)
     mc.rules = ("vocab=", "embed=model", "batch=data,expert")
     rules = dict(sh.logical_rules(mc))
@@ -432,11 +432,11 @@ def test_mesh_and_config_errors_name_the_field_and_fix():
     ok = make_cfg("decoder_only")
     sh.validate_mesh(ok, mesh, 8, lengths=(LT,))
     cases = [
-        ({"moe.num_experts": 6}, 8, "moe.num_experts=6 is not divisible by mesh.expert=4"),
-        ({"model.num_heads": 3}, 8, "model.num_heads=3 is not divisible by mesh.model=2"),
-        ({"model.d_ff": 33}, 8, "model.d_ff=33 is not divisible by mesh.model=2"),
-        ({"model.vocab_size": 65}, 8, "model.vocab_size=65 is not divisible by mesh.model=2"),
-        ({}, 6, r"train.batch_size=6 is not divisible by mesh.data x mesh.expert = 4"),
+        ({"moe.num_experts": 6}, 8, "moe.num_experts=6: is not divisible by mesh.expert=4"),
+        ({"model.num_heads": 3}, 8, "model.num_heads=3: is not divisible by mesh.model=2"),
+        ({"model.d_ff": 33}, 8, "model.d_ff=33: is not divisible by mesh.model=2"),
+        ({"model.vocab_size": 65}, 8, "model.vocab_size=65: is not divisible by mesh.model=2"),
+        ({}, 6, r"train.batch_size=6: is not divisible by mesh.data x mesh.expert = 4"),
         ({"moe.group_size": 32}, 8, r"moe.group_size=32: the 8x8 tokens"),
         ({"moe.num_experts_per_layer": (6,)}, 8,
          r"moe.num_experts_per_layer=\(6,\): not every layer's experts are divisible by "

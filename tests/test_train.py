@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from _train_utils import cli_args, poison_router, records, tiny_config, train_cli, wrap_train_step
+from _train_utils import poison_router, records, tiny_config, wrap_train_step
 from switchjax.config import ConfigError
 from switchjax.train import checkpoint, loop, metrics, optimizer
 from switchjax.train.train_config import get_train_config
@@ -140,7 +140,7 @@ INVALID = [
      "moe.num_selected_experts=8"),
     ("capacity <= 0", _set(moe__capacity_factor_train=0.0), "moe.capacity_factor_train=0.0"),
     ("EC in decoder", _set(moe__router="expert_choice"), "cannot run in a causal decoder"),
-    ("mesh mismatch", _set(mesh__data=3), "mesh {'data': 3"),
+    ("mesh mismatch", _set(mesh__data=3), "mesh={'data': 3"),
     ("experts vs mesh", _set(mesh__data=1, mesh__expert=8), "moe.num_experts=4"),
     ("batch not divisible", _set(train__batch_size=12), "train.batch_size=12"),
     ("vocab too small", _set(model__vocab_size=256), "model.vocab_size=256"),
@@ -169,25 +169,6 @@ def test_invalid_config_rejected_before_compiling(mutate, expected, tmp_path, mo
         loop.train_and_evaluate(config, str(tmp_path))
     assert expected in str(e.value)
     assert not os.path.exists(tmp_path / "checkpoints")
-
-
-CLI_INVALID = [
-    ("misspelled override", ["--config.train.num_train_step=5"], "num_train_steps"),
-    ("unknown section", ["--config.trainer.batch_size=8"], "trainer"),
-    ("bad router", ["--config.moe.router=top3"], "moe.router='top3'"),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("args,expected", [c[1:] for c in CLI_INVALID],
-                         ids=[c[0] for c in CLI_INVALID])
-def test_cli_rejects_invalid(args, expected, tmp_path):
-    base = cli_args(tiny_config())
-    result = train_cli("--config", "configs/cpu_base.py:smoke", "--workdir",
-                       str(tmp_path / "run"), *base, *args, timeout=120)
-    assert result.returncode != 0
-    assert expected in result.stderr, result.stderr[-3000:]
-    assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 def test_validate_config_rejects_unknown_section():

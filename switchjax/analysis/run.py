@@ -15,7 +15,7 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
-from switchjax.config import ModelConfig
+from switchjax.config import ModelConfig, fail
 
 CONFIG = "config.json"
 
@@ -46,9 +46,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     """
     path = os.path.join(workdir, CONFIG)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: --workdir={workdir!r} is not a run directory. Fix: pass "
-            "the --workdir of a run trained with experiments/train.py (train_and_evaluate).")
+        fail("--workdir", workdir, f"is not a run directory ({path} does not exist)",
+             "pass the --workdir of a run trained with experiments/train.py")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     with config.ignore_type():
@@ -83,8 +82,7 @@ def text_batch(cfg: ModelConfig, tokenizer, text: str) -> dict:
 
     ids = np.asarray(tokenizer.encode(text), np.int32)
     if not text.strip() or ids.size == 0:
-        raise ValueError("--text is empty. Fix: pass some text, e.g. --text 'def f(x): "
-                         "return x + 1'.")
+        fail("--text", text, "is empty", "pass some text, e.g. --text 'def f(x): return x + 1'")
     S = cfg.moe.group_size
     n = -(-ids.size // S) * S if S else ids.size
     row = {suffix: np.zeros((1, n), np.int32) for suffix in ("", "_segment_ids", "_positions")}

@@ -2,9 +2,9 @@
 
     python -m experiments.convert_hf --model google/switch-base-8 --out /tmp/switch-base-8
 
-reads `config.json` and the weights (`model.safetensors[.index.json]` or
-`pytorch_model.bin[.index.json]`) of a local directory, or downloads them for a
-hub name, and writes `OUT/config.json` (the `model` and `moe` fields of a
+reads and checks `config.json` (the model type, every field the conversion needs),
+then the weights (`model.safetensors[.index.json]` or `pytorch_model.bin[.index.json]`)
+of a local directory, or downloads them for a hub name, and writes `OUT/config.json` (the `model` and `moe` fields of a
 switchjax config, for `ModelConfig.from_config`) and `OUT/params` (Orbax,
 `{'params': params}`). `load_converted(OUT)` returns `(ModelConfig, params)`.
 
@@ -44,16 +44,13 @@ import ml_collections
 import numpy as np
 
 from switchjax.config import ModelConfig, model_config_dict
+from switchjax.convert.hf_files import (REQUIRED_FIELDS, ConversionError,  # noqa: F401
+                                        load_weights, read_checkpoint, read_config, reject)
+from switchjax.fs import check_writable
 from switchjax.models import make_model
 
 ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 ROUTER_DTYPES = ("float32", "bfloat16")
-CHECKPOINT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json")
-BIN_FILES = ("config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted exactly; the message says which part and why."""
 
 
 def transformers_dropped_token_output(version: str) -> str:
@@ -65,55 +62,6 @@ def transformers_dropped_token_output(version: str) -> str:
     """
     major, minor = (int(re.match(r"\d+", p).group()) for p in version.split(".")[:2])
     return "hf" if (major, minor) < (4, 52) else "zeros"
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_checkpoint(model: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json as a dict, {name: float32 array}) of a local dir or hub name."""
-    directory = model if os.path.isdir(model) else _download(model)
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-    return hf, _load_weights(directory)
-
-
-def _download(name: str) -> str:
-    try:
-        import huggingface_hub
-    except ImportError as e:
-        raise ConversionError(f"{name!r} is not a local directory and huggingface_hub is not "
-                              "installed: pip install switchjax[hf], or pass a directory") from e
-    directory = huggingface_hub.snapshot_download(name, allow_patterns=list(CHECKPOINT_FILES))
-    if not any(f.endswith(".safetensors") for f in os.listdir(directory)):
-        directory = huggingface_hub.snapshot_download(name, allow_patterns=list(BIN_FILES))
-    return directory
-
-
-def _load_weights(directory: str) -> dict[str, np.ndarray]:
-    import torch  # the [hf] extra
-
-    def files(single: str) -> list[str]:
-        index = os.path.join(directory, single + ".index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                shards = json.load(f)["weight_map"].values()
-            return sorted({os.path.join(directory, v) for v in shards})
-        path = os.path.join(directory, single)
-        return [path] if os.path.exists(path) else []
-
-    tensors = {}
-    if shards := files("model.safetensors"):
-        from safetensors.torch import load_file
-        for shard in shards:
-            tensors.update(load_file(shard))
-    elif shards := files("pytorch_model.bin"):
-        for shard in shards:
-            tensors.update(torch.load(shard, map_location="cpu", weights_only=True))
-    else:
-        raise ConversionError(f"no model.safetensors or pytorch_model.bin (or .index.json) in "
-                              f"{directory}")
-    return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
 
 
 # ----------------------------------------------------------------------------- config
@@ -140,21 +88,26 @@ def _layer_spec(indices: tuple[int, ...], n: int) -> str:
 
 def switchjax_config(hf: dict, *, dropped_token_output: str = "zeros") -> ml_collections.ConfigDict:
     """ConfigDict {'model', 'moe'} that reproduces a transformers SwitchTransformers config."""
-    def reject(field, problem):
-        raise ConversionError(f"config.json {field}={hf.get(field)!r}: {problem}")
+    def bad(field, problem, fix="convert an unmodified google/switch-* checkpoint"):
+        reject(f"config.json:{field}", hf.get(field), problem, fix)
 
     if hf.get("model_type") != "switch_transformers":
-        reject("model_type", "not a SwitchTransformers checkpoint")
+        bad("model_type", "not a SwitchTransformers checkpoint (model_type "
+            "'switch_transformers')", "convert a google/switch-* checkpoint")
+    for field in REQUIRED_FIELDS:
+        if not isinstance(hf.get(field), int) or isinstance(hf.get(field), bool):
+            bad(field, "missing" if field not in hf else "must be an integer",
+                f"a SwitchTransformers config.json has all of {list(REQUIRED_FIELDS)}")
     if not hf.get("is_encoder_decoder", True):
-        reject("is_encoder_decoder", "only the encoder-decoder models convert")
+        bad("is_encoder_decoder", "only the encoder-decoder models convert")
     if hf.get("router_bias", False):
-        reject("router_bias", "switchjax routers have no bias; converting would change routing")
+        bad("router_bias", "switchjax routers have no bias; converting would change routing")
     if hf.get("dense_act_fn", "relu") not in ACTIVATIONS:
-        reject("dense_act_fn", f"no exact switchjax equivalent (supported: {list(ACTIVATIONS)})")
+        bad("dense_act_fn", "no exact switchjax equivalent", f"use one of {list(ACTIVATIONS)}")
     if hf.get("router_dtype", "float32") not in ROUTER_DTYPES:
-        reject("router_dtype", f"use one of {ROUTER_DTYPES}")
+        bad("router_dtype", "not a router dtype switchjax has", f"use one of {ROUTER_DTYPES}")
     if hf["expert_capacity"] < 1:
-        reject("expert_capacity", "must be >= 1")
+        bad("expert_capacity", "must be >= 1", "set the capacity the model was trained with")
     n_enc = hf["num_layers"]
     n_dec = hf.get("num_decoder_layers") or n_enc
     dropout = float(hf.get("dropout_rate", 0.0))
@@ -315,10 +268,16 @@ def _check_against_model(params: dict, cfg: ModelConfig) -> None:
 
 def convert(model: str, out_dir: str, *, dropped_token_output: str = "zeros",
             overwrite: bool = False) -> tuple[ModelConfig, dict]:
-    """Reads a transformers checkpoint (dir or hub name), writes the switchjax one to out_dir."""
-    hf, tensors = read_checkpoint(model)
+    """Reads a transformers checkpoint (dir or hub name), writes the switchjax one to out_dir.
+
+    Everything that can be checked before the weights are read is: out_dir (writable, no
+    params unless `overwrite`), config.json (model type, the fields it needs) and the
+    switchjax config it maps to."""
+    _check_out(out_dir, overwrite)
+    hf = read_config(model)
     config = switchjax_config(hf, dropped_token_output=dropped_token_output)
     cfg = ModelConfig.from_config(config)
+    tensors = load_weights(model)
     params = convert_params(hf, tensors, cfg)
     source = {"model": model, "transformers_version": hf.get("transformers_version")}
     save_converted(out_dir, config, params, source=source, overwrite=overwrite)
@@ -330,11 +289,7 @@ def save_converted(out_dir: str, config: ml_collections.ConfigDict, params: dict
     """Writes out_dir/config.json ({'model', 'moe', 'source'}) and out_dir/params (Orbax)."""
     import orbax.checkpoint as ocp
 
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(os.path.join(out_dir, "params")) and not overwrite:
-        raise FileExistsError(f"{out_dir}/params exists: pass overwrite=True (--overwrite) "
-                              "or choose another directory")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = _check_out(out_dir, overwrite)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump({"model": config.model.to_dict(), "moe": config.moe.to_dict(),
                    "source": source or {}}, f, indent=2)
@@ -343,8 +298,20 @@ def save_converted(out_dir: str, config: ml_collections.ConfigDict, params: dict
     checkpointer.wait_until_finished()
 
 
+def _check_out(out_dir: str, overwrite: bool) -> str:
+    """The absolute, writable out_dir; an error if it holds params and not `overwrite`."""
+    if os.path.exists(os.path.join(os.path.expanduser(out_dir), "params")) and not overwrite:
+        reject("--out", out_dir, "already holds converted params",
+                "pass --overwrite (overwrite=True) or choose another directory")
+    return check_writable("--out", out_dir, "choose a writable output directory")
+
+
 def load_config(directory: str) -> ModelConfig:
-    with open(os.path.join(directory, "config.json")) as f:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        reject("directory", directory, "holds no config.json",
+                "pass the --out directory of experiments/convert_hf.py")
+    with open(path) as f:
         raw = json.load(f)
     return ModelConfig.from_config(ml_collections.ConfigDict(
         {"model": raw["model"], "moe": raw["moe"]}))

@@ -2,20 +2,25 @@
 
 `validate_data_config(cfg)` runs before anything is built or read and raises
 `ConfigError("data.<field>=<value>: <problem>. Fix: <fix>.")` for every config
-that cannot work: unknown objective, missing data_dir, a TFDS name that is not
-prepared in data_dir, an empty file glob, a tokenizer path that does not
-exist, lengths that T5's span corruption cannot fill.
+that cannot work: a field of the wrong type, unknown objective, missing data_dir,
+a TFDS name that is not prepared in data_dir, an empty file glob, files that are not
+UTF-8 text, a data_dir that cannot be written when the corpus or tokenizer must be
+built there, a SentencePiece model that cannot be loaded or does not follow T5's id
+convention, lengths that T5's span corruption cannot fill.
 """
 from __future__ import annotations
 
 import os
+import re
 
 import ml_collections
 import tensorflow_datasets as tfds
 
-from switchjax.config import fail
+from switchjax.config import check_types, fail
 from switchjax.data import corpus
 from switchjax.data.objectives import random_spans_helper
+from switchjax.data.tokenizer import Tokenizer
+from switchjax.fs import check_writable
 
 OBJECTIVES = ("span_corruption", "causal_lm")
 EMBEDDED = "embedded"
@@ -96,8 +101,62 @@ def _validate_source(cfg: ml_collections.ConfigDict):
                   f"use one of {splits}")
 
 
+def spm_cache_path(cfg: ml_collections.ConfigDict) -> str:
+    """Where the locally trained SentencePiece model of `cfg` is cached."""
+    if cfg.name == EMBEDDED:
+        dataset = "embedded_" + corpus.source_files(tuple(cfg.files)).config_name
+    else:
+        dataset = cfg.name
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}-{cfg.train_split}-{cfg.vocab_size}")
+    return os.path.join(os.path.expanduser(cfg.data_dir), "switchjax_spm", key + ".model")
+
+
+def _validate_storage(cfg: ml_collections.ConfigDict) -> None:
+    """data_dir is writable if the embedded corpus or the tokenizer must be built there;
+    the files of an embedded corpus still to be built are UTF-8 text."""
+    builds = []
+    if cfg.name == EMBEDDED and not corpus.is_prepared(cfg.data_dir, tuple(cfg.files)):
+        builds.append("the embedded corpus")
+        if cfg.files:
+            corpus.check_text_files(corpus.source_files(tuple(cfg.files)), tuple(cfg.files))
+    if not cfg.spm_path and not os.path.exists(spm_cache_path(cfg)):
+        builds.append("the SentencePiece model")
+    if builds:
+        check_writable("data.data_dir", cfg.data_dir,
+                       f"use a writable data.data_dir ({' and '.join(builds)} will be "
+                       "built there)")
+
+
+def _validate_spm(cfg: ml_collections.ConfigDict) -> None:
+    """Loads the SentencePiece model (data.spm_path, or the cached local one) and checks
+    T5's id convention (tokenizer.py)."""
+    if cfg.spm_path:
+        field, value, path = "data.spm_path", cfg.spm_path, os.path.expanduser(cfg.spm_path)
+        fix = ("give a .model file written by SentencePiece with --pad_id=0 --eos_id=1 "
+               "--unk_id=2 --bos_id=-1, or '' to train one locally")
+    else:
+        field, value, path = "data.data_dir", cfg.data_dir, spm_cache_path(cfg)
+        fix = f"delete {path} (the next run trains it again)"
+        if not os.path.exists(path):
+            return
+    try:
+        with open(path, "rb") as f:
+            proto = f.read()
+    except OSError as e:
+        fail(field, value, f"cannot read {path}: {e.strerror or e}", fix)
+    if not proto:
+        fail(field, value, f"{path} is empty", fix)
+    try:
+        Tokenizer(proto, cfg.num_extra_ids)
+    except RuntimeError:  # sentencepiece cannot parse it
+        fail(field, value, f"{path} is not a SentencePiece model (it does not parse)", fix)
+    except ValueError as e:  # T5's id convention
+        fail(field, value, f"{path}: {e}", fix)
+
+
 def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the field and the fix for an unusable config."""
+    """Raises ConfigError naming the field and the fix for an unusable config."""
+    check_types("data", cfg, get_data_config())
     if cfg.objective not in OBJECTIVES:
         _fail("objective", cfg.objective, "unknown objective", f"use one of {OBJECTIVES}")
     if cfg.spm_path and not os.path.isfile(os.path.expanduser(cfg.spm_path)):
@@ -108,6 +167,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
               "use data.vocab_size >= 300")
     if cfg.num_workers < 0:
         _fail("num_workers", cfg.num_workers, "must be >= 0", "use 0 (main process) or more")
+    if cfg.num_extra_ids < 0:
+        _fail("num_extra_ids", cfg.num_extra_ids, "must be >= 0", "T5 uses 100")
     if cfg.targets_length < 2:
         _fail("targets_length", cfg.targets_length, "too short", "use at least 2")
     if cfg.objective == "span_corruption":
@@ -132,3 +193,5 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
                   f"a chunk of {tokens_length} tokens has {num_spans} noise spans",
                   f"use data.num_extra_ids >= {num_spans} (T5: 100)")
     _validate_source(cfg)
+    _validate_storage(cfg)
+    _validate_spm(cfg)

@@ -203,8 +203,44 @@ def embedded_builder(data_dir: str, globs: Sequence[str]) -> EmbeddedText:
         return EmbeddedText(config=config, data_dir=os.path.expanduser(data_dir))
 
 
+def is_prepared(data_dir: str, globs: Sequence[str]) -> bool:
+    """Whether the corpus of `globs` (as they match now) is built in data_dir."""
+    builder = embedded_builder(data_dir, globs)
+    with _quiet_tfds():
+        return builder.is_prepared()
+
+
+def text_problem(path: str) -> str | None:
+    """Why the file at `path` is not UTF-8 text (a NUL byte, an invalid byte), or None."""
+    with open(path, "rb") as f:
+        data = f.read()
+    nul = data.find(b"\0")
+    if nul >= 0:
+        return f"binary: a NUL byte at offset {nul}"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}"
+    return None
+
+
+def check_text_files(source: SourceFiles, globs: Sequence[str]) -> None:
+    """Raises ConfigError naming `data.files` and the first files that are not UTF-8 text
+    (binary files would enter the corpus as replacement characters)."""
+    bad = []
+    for rel in source.relpaths:
+        problem = text_problem(os.path.join(source.root, rel))
+        if problem:
+            bad.append(f"{os.path.join(source.root, rel)} ({problem})")
+    if bad:
+        fail("data.files", tuple(globs), f"{len(bad)} of the {len(source.relpaths)} matched "
+             f"files are not UTF-8 text: {'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}",
+             "narrow the globs to text files (e.g. '**/*.py', not '**/*')")
+
+
 def prepare_embedded_corpus(data_dir: str, globs: Sequence[str]) -> EmbeddedText:
-    """Builds the corpus into data_dir once (array_record); later calls reuse it.
+    """Builds the corpus into data_dir once (array_record); later calls reuse it. Hosts
+    that build it at the same time into a shared data_dir all end with the first build.
 
     Returns:
       The prepared builder: `builder.as_data_source(split)` reads a split,
@@ -216,7 +252,12 @@ def prepare_embedded_corpus(data_dir: str, globs: Sequence[str]) -> EmbeddedText
     if not prepared:
         start = time.perf_counter()
         with _quiet_tfds():
-            builder.download_and_prepare(file_format="array_record")
+            try:
+                builder.download_and_prepare(file_format="array_record")
+            except FileExistsError:  # several hosts built it at once into a shared data_dir
+                builder = embedded_builder(data_dir, globs)
+                if not builder.is_prepared():
+                    raise
         logging.info("Built embedded corpus %s (%d files) in %.1f s: %s",
                      builder.builder_config.name, len(builder.builder_config.source.relpaths),
                      time.perf_counter() - start, builder.data_dir)

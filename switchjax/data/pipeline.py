@@ -22,7 +22,6 @@ produced: the data never depend on the number of hosts. With
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 
 from absl import flags
@@ -32,7 +31,9 @@ import numpy as np
 
 from switchjax.config import fail
 from switchjax.data import corpus, objectives, packing
-from switchjax.data.config import EMBEDDED, tfds_builder, validate_data_config
+from switchjax.data.config import (EMBEDDED, spm_cache_path, tfds_builder,
+                                   validate_data_config)
+from switchjax.data.source import CheckedSource
 from switchjax.data.tokenizer import Tokenizer, cached_sentencepiece
 
 BINS_PER_ROW = 8  # first-fit bins per row stream: ~90% full rows for C4-like lengths
@@ -40,13 +41,15 @@ SPM_SAMPLE_CHARS = 4_000_000  # text sampled from the train split to train Sente
 _SPM_SAMPLE_DOCS = 20_000
 
 
-def open_source(cfg: ml_collections.ConfigDict, split: str):
-    """Random-access TFDS source of `split`; builds the embedded corpus if needed."""
+def open_source(cfg: ml_collections.ConfigDict, split: str) -> CheckedSource:
+    """Random-access TFDS source of `split` whose read errors name their file
+    (`source.DataError`); builds the embedded corpus if needed."""
     if cfg.name == EMBEDDED:
         builder = corpus.prepare_embedded_corpus(cfg.data_dir, tuple(cfg.files))
     else:
         builder = tfds_builder(cfg)
-    return builder.as_data_source(split)
+    files = [(f.filename, f.take) for f in builder.info.splits[split].file_instructions]
+    return CheckedSource(builder.as_data_source(split), split, files)
 
 
 def _text(example: dict, text_key: str) -> str:
@@ -63,16 +66,6 @@ def _sample_texts(source, text_key: str) -> Iterator[str]:
         chars += len(text)
         if chars >= SPM_SAMPLE_CHARS:
             return
-
-
-def spm_cache_path(cfg: ml_collections.ConfigDict) -> str:
-    """Where the locally trained SentencePiece model of `cfg` is cached."""
-    if cfg.name == EMBEDDED:
-        dataset = "embedded_" + corpus.source_files(tuple(cfg.files)).config_name
-    else:
-        dataset = cfg.name
-    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}-{cfg.train_split}-{cfg.vocab_size}")
-    return os.path.join(os.path.expanduser(cfg.data_dir), "switchjax_spm", key + ".model")
 
 
 def make_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:

@@ -28,9 +28,10 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id())
         if ids[:3] != (PAD_ID, EOS_ID, UNK_ID) or ids[3] >= 0:
-            raise ValueError(
-                f"SentencePiece model has (pad, eos, unk, bos) ids {ids}; switchjax needs "
-                f"T5's (0, 1, 2, none): train it with pad_id=0 eos_id=1 unk_id=2 bos_id=-1")
+            raise ValueError(f"the SentencePiece model's (pad, eos, unk, bos) ids are {ids}, "
+                             "switchjax needs T5's (0, 1, 2, none)")
+        if self._sp.get_piece_size() <= UNK_ID:
+            raise ValueError(f"the SentencePiece model has {self._sp.get_piece_size()} pieces")
 
     @classmethod
     def from_file(cls, path: str, num_extra_ids: int) -> Tokenizer:

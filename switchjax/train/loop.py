@@ -1,9 +1,10 @@
 """`train_and_evaluate(config, workdir)`: validate, build, restore, train, evaluate, save.
 
-Everything that can be checked is checked before anything compiles:
-model/moe (`ModelConfig.from_config`), train fields, data config, objective vs
-model family, mesh vs devices/model/batch, group sizes, and the tokenizer's
-vocabulary vs `model.vocab_size`.
+Everything that can be checked is checked before anything compiles
+(validate.py): the run directory is writable, model/moe (`ModelConfig.from_config`),
+train, mesh and data fields (the data_dir, the files, the SentencePiece model
+included), objective vs model family, mesh vs devices/model/batch, group sizes, and
+the tokenizer's vocabulary vs `model.vocab_size`.
 
 Step numbers count completed optimizer steps: step s is the s-th update, and
 the state saved as checkpoint s has `state.step == s`. Every step's metrics
@@ -12,6 +13,17 @@ device computes) and checked for non-finite values before they are logged or
 the state is saved: a non-finite loss or gradient raises `NonFiniteError`
 naming the step and the first bad quantity, after pending checkpoint writes
 have finished, so the last good checkpoint stays intact.
+
+Stops that leave a checkpoint to resume from exactly (stops.py):
+  SIGTERM (a preemption notice): the step in flight finishes, its checkpoint is
+    written, then `Preempted` is raised (with several processes, JAX's preemption
+    sync point picks the step all of them save);
+  a data iterator that raises (a file deleted, truncated or unreadable under it): the
+    last completed step is saved with the iterator position before the failed batch,
+    then `DataError` names the file (other iterator errors are re-raised as they are,
+    after the same save).
+A checkpoint write the storage refuses (a full disk) raises `CheckpointWriteError`; the
+checkpoints written before stay intact.
 """
 from __future__ import annotations
 
@@ -28,16 +40,21 @@ from jax.experimental import multihost_utils
 
 from switchjax import flops
 from switchjax import sharding as sharding_lib
-from switchjax.config import ConfigError, ModelConfig, check_groups
+from switchjax.config import fail
+from switchjax.data import source as source_lib
+from switchjax.fs import check_writable
 from switchjax.models import make_model
 from switchjax.train import checkpoint as checkpoint_lib
 from switchjax.train import metrics as metrics_lib
+from switchjax.train import stops
 from switchjax.train.optimizer import make_optimizer, make_schedule
 from switchjax.train.state import create_train_state, dummy_batch, state_shardings
 from switchjax.train.step import jit_eval_step, jit_train_step
-from switchjax.train.train_config import validate_train_config
+from switchjax.train.stops import (DataError, NonFiniteError, Preempted,  # noqa: F401
+                                   first_non_finite, moe_layer_names)
+from switchjax.train.validate import (SECTIONS, batch_lengths, validate_config,  # noqa: F401
+                                      validate_devices)
 
-SECTIONS = ("model", "moe", "data", "train", "mesh", "seed")
 FINAL = "final_metrics.json"
 CONFIG_JSON = "config.json"
 DONE = "DONE"
@@ -45,80 +62,9 @@ DONE = "DONE"
 _TOKEN_WEIGHTED = ("task_loss", "accuracy", "logit_z_loss")
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient norm became NaN/inf; the message names the step and quantity."""
-
-
 def _data():  # imported lazily: the data package pulls in tensorflow_datasets
     import switchjax.data as data_lib
     return data_lib
-
-
-def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """Checks model, moe, train and data sections (no devices, no compiling)."""
-    missing = [s for s in SECTIONS if s not in config]
-    unknown = sorted(set(config.keys()) - set(SECTIONS))
-    if missing or unknown:
-        raise ConfigError(f"config sections {sorted(config.keys())}: missing {missing}, unknown "
-                          f"{unknown}. Fix: a config has exactly {SECTIONS}.")
-    cfg = ModelConfig.from_config(config)
-    validate_train_config(config.train)
-    data = config.data
-    for name, seed in (("seed", config.seed), ("data.shuffle_seed", data.shuffle_seed)):
-        if not (isinstance(seed, int) and seed >= 0):
-            raise ConfigError(f"{name}={seed!r}: must be an integer >= 0. Fix: e.g. 0.")
-    _data().validate_data_config(data)
-    wanted = "span_corruption" if cfg.family == "encoder_decoder" else "causal_lm"
-    if data.objective != wanted:
-        raise ConfigError(f"data.objective={data.objective!r} does not fit model.family="
-                          f"{cfg.family!r}. Fix: use data.objective={wanted!r}.")
-    if cfg.num_moe_layers:
-        check_groups(cfg.moe.group_size, config.train.batch_size // config.train.accum_steps,
-                     batch_lengths(cfg, data))
-    return cfg
-
-
-def batch_lengths(cfg: ModelConfig, data) -> list[int]:
-    """Sequence lengths of a batch: targets, and inputs for the encoder-decoder."""
-    return [data.targets_length] + ([data.inputs_length]
-                                    if cfg.family == "encoder_decoder" else [])
-
-
-def _validate_devices(cfg: ModelConfig, config, mesh, rules) -> None:
-    train = config.train
-    lengths = batch_lengths(cfg, config.data)
-    micro = train.batch_size // train.accum_steps
-    sharding_lib.validate_mesh(cfg, mesh, train.batch_size, rules)
-    if train.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the "
-                          f"{jax.process_count()} processes. Fix: use a multiple.")
-    shards = mesh.shape["data"] * mesh.shape["expert"]
-    if micro % shards:
-        raise ConfigError(f"train.accum_steps={train.accum_steps}: microbatches of {micro} rows "
-                          f"do not split over mesh data x expert = {shards}. Fix: use "
-                          f"train.batch_size divisible by {shards * train.accum_steps}.")
-    sharding_lib.validate_mesh(cfg, mesh, micro, rules, lengths)  # groups of a microbatch
-    sharding_lib.process_batch_rows(mesh, train.batch_size)  # each host's rows are contiguous
-
-
-def moe_layer_names(cfg: ModelConfig) -> list[tuple[str, int]]:
-    """(stack, layer index) of each MoE layer, in the order of the stats arrays."""
-    return list(cfg.moe_layers())
-
-
-def first_non_finite(m: dict, cfg: ModelConfig) -> list[str]:
-    """Names of non-finite quantities, first in computation order (MoE layers first)."""
-    bad = []
-    for j, (stack, index) in enumerate(moe_layer_names(cfg)):
-        for key, what in (("aux_loss_per_layer", "aux loss"), ("router_z_loss_per_layer",
-                                                              "router z-loss")):
-            if key in m and not np.isfinite(m[key][j]):
-                bad.append(f"{what} of MoE layer {j} ({stack} layer_{index})")
-    for key in ("task_loss", "logit_z_loss", "aux_loss", "router_z_loss", "total_loss",
-                "grad_norm"):
-        if key in m and not np.all(np.isfinite(m[key])):
-            bad.append(key)
-    return bad
 
 
 def _mean(records: list[dict], weights=None) -> dict:
@@ -161,19 +107,20 @@ class _Run:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
+        if workdir:
+            check_writable("--workdir", workdir, "use a writable run directory")
         self.cfg = validate_config(config)
         sharding_lib.maybe_initialize_distributed(config.mesh)
         self.mesh = sharding_lib.make_mesh(config.mesh)
         self.rules = sharding_lib.logical_rules(config.mesh)
-        _validate_devices(self.cfg, config, self.mesh, self.rules)
+        validate_devices(self.cfg, config, self.mesh, self.rules)
         data = config.data
         self.tokenizer = _data().make_tokenizer(data)
         if self.cfg.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={self.cfg.vocab_size} is smaller than the tokenizer's "
-                f"{self.tokenizer.vocab_size} ids (data.vocab_size={data.vocab_size} pieces + "
-                f"data.num_extra_ids={data.num_extra_ids}). Fix: set model.vocab_size >= "
-                f"{self.tokenizer.vocab_size}.")
+            fail("model.vocab_size", self.cfg.vocab_size, f"is smaller than the tokenizer's "
+                 f"{self.tokenizer.vocab_size} ids ({self.tokenizer.spm_size} SentencePiece "
+                 f"pieces + data.num_extra_ids={data.num_extra_ids})",
+                 f"set model.vocab_size >= {self.tokenizer.vocab_size}")
         self.is_chief = jax.process_index() == 0
         self.inputs_length = data.inputs_length if self.cfg.family == "encoder_decoder" else 0
 
@@ -259,10 +206,10 @@ def _open_checkpoints(run: _Run) -> checkpoint_lib.Checkpointer:
     changes = checkpoint_lib.config_changes(ckpt.saved_config(), run.config)
     if changes:
         ckpt.close()
-        raise ConfigError(
-            f"{run.workdir} holds checkpoints of another config: {'; '.join(changes)}. Fix: "
-            "rerun with the values they were written with, or use a new --workdir (a resumed "
-            f"run may change only {', '.join(checkpoint_lib.RESUMABLE)}).")
+        fail("--workdir", run.workdir, f"holds checkpoints of another config: "
+             f"{'; '.join(changes)}", "rerun with the values they were written with, or use a "
+             f"new --workdir (a resumed run may change only "
+             f"{', '.join(checkpoint_lib.RESUMABLE)})")
     return ckpt
 
 
@@ -306,26 +253,63 @@ class _Training:
         t = self.run.config.train
         if start_step == 0:  # the loss at initialisation, as the first point of the curve
             self.evaluate(state, 0)
-        for step in range(start_step + 1, t.num_train_steps + 1):
-            batch = sharding_lib.host_local_to_global(next(self.run.train_iter), self.run.mesh)
-            state, metrics = self.train_step(state, batch, self.rng)
-            self.pending.append((step, metrics))
-            last = step == t.num_train_steps
-            log_now = step % t.log_every == 0 or last
-            eval_now = step % t.eval_every == 0 or last
-            save_now = step % t.checkpoint_every == 0 or last
-            self.check(upto_all=log_now or eval_now or save_now)
-            if log_now:
-                self.log(step)
-            if save_now:
-                self.ckpt.save(step, state, self.run.train_iter, self.run.config)
-            if eval_now:
-                self.last_eval = self.evaluate(state, step)
+        with stops.PreemptionNotice() as notice:
+            for step in range(start_step + 1, t.num_train_steps + 1):
+                batch = self.next_batch(state, step)
+                state, metrics = self.train_step(state, batch, self.rng)
+                self.pending.append((step, metrics))
+                last = step == t.num_train_steps
+                log_now = step % t.log_every == 0 or last
+                eval_now = step % t.eval_every == 0 or last
+                save_now = step % t.checkpoint_every == 0 or last
+                preempted = notice.reached(step)
+                self.check(upto_all=log_now or eval_now or save_now or preempted)
+                if log_now:
+                    self.log(step)
+                if save_now or preempted:
+                    self.ckpt.save(step, state, self.run.train_iter, self.run.config)
+                if preempted:
+                    self.ckpt.wait()
+                    raise stops.Preempted(f"{notice.signal_name} received: stopped after step {step} "
+                                    f"and wrote its checkpoint to {self.ckpt.directory}. "
+                                    "Rerun the same command to resume from there.")
+                if eval_now:
+                    self.last_eval = self.evaluate(state, step)
         if not self.last_eval:  # restored at the last step but never finished
             self.last_eval = self.evaluate(state, int(state.step))
             self.last_train = self.last_train or _logged(self.run.workdir, "train",
                                                          int(state.step))
         return state
+
+    def next_batch(self, state, step: int) -> dict:
+        """The global batch of `step`. If the data iterator raises, the state after step - 1
+        is saved with the iterator position before this batch (a rerun resumes exactly
+        here), then a DataError names the file (other errors are re-raised as they are)."""
+        train_iter = self.run.train_iter
+        position = train_iter.get_state()
+        try:
+            local = next(train_iter)
+        except Exception as e:  # noqa: BLE001 - saved, then reported or re-raised below
+            saved = self._save_before_stop(state, step - 1,
+                                           checkpoint_lib.IteratorPosition(position))
+            data_error = stops.data_error_in(e)
+            if data_error is None:
+                raise
+            where = (f"checkpoint step {step - 1} in {self.ckpt.directory} holds the state and "
+                     "the data position" if saved else "no checkpoint was needed (step 0)")
+            raise DataError(f"{data_error.problem} at step {step}. Training stopped; {where}",
+                            data_error.path, f"{source_lib.FIX}, then rerun the same command: "
+                            f"it resumes at step {step}") from e
+        return sharding_lib.host_local_to_global(local, self.run.mesh)
+
+    def _save_before_stop(self, state, step: int, position) -> bool:
+        """Checks the pending metrics, saves `step` (unless 0) with the data `position`
+        and waits for the write."""
+        self.check(upto_all=True)
+        if step > 0:
+            self.ckpt.save(step, state, position, self.run.config)
+        self.ckpt.wait()
+        return step > 0
 
     def check(self, upto_all: bool) -> None:
         """Fetches pending metrics (all, or all but the newest) and checks them."""

@@ -146,10 +146,21 @@ class Progress:
 
 
 def setup_console_logging() -> None:
-    """INFO from switchjax's own absl logging; only warnings from the chatty libraries."""
+    """INFO from switchjax's own absl logging; only warnings from the chatty libraries.
+
+    Orbax's errors stay off the console: it logs the exceptions of its background
+    threads (with tracebacks) as they happen, and the same exceptions reach the caller,
+    which reports them (a checkpoint write refused by the disk as one line)."""
     import logging as std_logging
 
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.INFO)
     for noisy in ("absl", "orbax", "jax", "tensorflow_datasets"):
         std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
+
+    class DropOrbaxErrors(std_logging.Filter):
+        def filter(self, record):
+            return not (record.levelno >= std_logging.ERROR and "/orbax/" in record.pathname)
+
+    for handler in std_logging.getLogger().handlers:
+        handler.addFilter(DropOrbaxErrors())

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from switchjax.config import ConfigError
+from switchjax.config import fail
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
@@ -41,8 +41,7 @@ def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
             end_value=peak * train.end_learning_rate_factor)
     if train.schedule == "constant":
         return optax.constant_schedule(peak)
-    raise ConfigError(f"train.schedule={train.schedule!r}: unknown schedule. "
-                      f"Fix: use one of {SCHEDULES}.")
+    fail("train.schedule", train.schedule, "unknown schedule", f"use one of {SCHEDULES}")
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -56,8 +55,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
         tx = optax.adamw(lr, b1=train.b1, b2=train.b2, eps=train.eps,
                          weight_decay=train.weight_decay)
     else:
-        raise ConfigError(f"train.optimizer={train.optimizer!r}: unknown optimizer. "
-                          f"Fix: use one of {OPTIMIZERS}.")
+        fail("train.optimizer", train.optimizer, "unknown optimizer", f"use one of {OPTIMIZERS}")
     if train.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), tx)
     return tx

@@ -30,7 +30,8 @@ from typing import Callable
 import jax
 import ml_collections
 
-from switchjax.config import ConfigError
+from switchjax.config import fail
+from switchjax.fs import check_writable
 from switchjax.train import checkpoint as checkpoint_lib
 from switchjax.train import loop, report
 from switchjax.train.report import variant_name
@@ -44,8 +45,8 @@ def load_sweep(config_path: str) -> tuple[Callable[[], list[dict]], tuple[int, .
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "sweep"):
-        raise ConfigError(f"{path} defines no sweep(). Fix: add `def sweep(): return "
-                          "[{'field': value}, ...]` or use experiments/train.py.")
+        fail("--config", path, "defines no sweep()", "add `def sweep(): return "
+             "[{'field': value}, ...]`, or run it with experiments/train.py")
     return module.sweep, tuple(getattr(module, "SEEDS", (0,)))
 
 
@@ -54,8 +55,8 @@ def with_seeds(variants: list[dict], seeds) -> list[dict]:
     seeds = tuple(seeds)
     if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds) or \
             len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds={seeds!r}: need distinct integers >= 0. Fix: e.g. SEEDS = "
-                          "(0, 1, 2) in the config or --seeds=0,1,2.")
+        fail("seeds", seeds, "need distinct integers >= 0",
+             "e.g. SEEDS = (0, 1, 2) in the config or --seeds=0,1,2")
     fixed = [dict(v) for v in variants if "seed" in v]
     return [{**v, "seed": s} for s in seeds for v in variants if "seed" not in v] + fixed
 
@@ -68,12 +69,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
         node = config
         for p in parents:
             if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-                raise ConfigError(f"sweep override {key!r}: no section {p!r}. Fix: use an "
-                                  "existing field such as 'moe.capacity_factor_train'.")
+                fail("sweep override", key, f"no section {p!r}",
+                     "use an existing field such as 'moe.capacity_factor_train'")
             node = node[p]
         if leaf not in node:
-            raise ConfigError(f"sweep override {key!r}: unknown field. Fix: use one of "
-                              f"{sorted(node.keys())}.")
+            fail("sweep override", key, "unknown field", f"use one of {sorted(node.keys())}")
         with node.ignore_type() if isinstance(value, (list, tuple)) else contextlib.nullcontext():
             node[leaf] = value
     return config
@@ -90,6 +90,7 @@ def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: 
     A run that ran before with another config (say the base config changed) is an
     error before anything runs; one whose steps grew is continued, not skipped.
     """
+    check_writable("--workdir", workdir, "use a writable sweep directory")
     variants = with_seeds(variants, seeds)
     configs, unchanged = [], set()
     for overrides in variants:
@@ -100,15 +101,14 @@ def run_sweep(config: ml_collections.ConfigDict, variants: list[dict], workdir: 
         saved = report.read_json(os.path.join(workdir, name, loop.CONFIG_JSON))
         changes = checkpoint_lib.config_changes(saved, variant)
         if changes:
-            raise ConfigError(
-                f"sweep variant {name!r} in {os.path.join(workdir, name)} ran with another "
-                f"config: {'; '.join(changes)}. Fix: use a new sweep --workdir, or rerun "
-                "with the config it ran with.")
+            fail("sweep variant", name, f"{os.path.join(workdir, name)} ran with another "
+                 f"config: {'; '.join(changes)}", "use a new sweep --workdir, or rerun with "
+                 "the config it ran with")
         if saved == checkpoint_lib.config_json(variant):
             unchanged.add(name)
     names = [n for n, _, _ in configs]
     if len(set(names)) != len(names):
-        raise ConfigError(f"sweep() declares the same variant twice: {names}")
+        fail("sweep()", names, "declares the same variant twice", "remove the duplicate")
     is_chief = jax.process_index() == 0
     for name, overrides, variant in configs:
         run_dir = os.path.join(workdir, name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from switchjax.config import fail
+from switchjax.config import check_types, fail
 from switchjax.train.optimizer import OPTIMIZERS, SCHEDULES
 
 
@@ -40,10 +40,7 @@ def _fail(field: str, value, problem: str, fix: str):
 
 def validate_train_config(train: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the `train.<field>` that cannot work."""
-    known = set(get_train_config().keys())
-    unknown = sorted(set(train.keys()) - known)
-    if unknown:
-        _fail(unknown[0], train[unknown[0]], "is not a known field", f"use one of {sorted(known)}")
+    check_types("train", train, get_train_config())
     for name in ("batch_size", "num_train_steps", "accum_steps", "log_every", "eval_every",
                  "eval_steps", "checkpoint_every", "max_to_keep"):
         value = train[name]
@@ -66,6 +63,16 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
               "e.g. 0.1")
     if train.grad_clip_norm < 0:
         _fail("grad_clip_norm", train.grad_clip_norm, "must be >= 0", "use 0 (off) or e.g. 1.0")
-    if train.weight_decay < 0 or not 0 <= train.b1 < 1 or not 0 <= train.b2 < 1:
-        _fail("b1/b2/weight_decay", (train.b1, train.b2, train.weight_decay), "out of range",
-              "use 0 <= b1, b2 < 1 and weight_decay >= 0")
+    _validate_adamw(train)
+
+
+def _validate_adamw(train: ml_collections.ConfigDict) -> None:
+    """b1, b2, eps and weight_decay (read by AdamW only, checked for every optimizer)."""
+    for name, example in (("b1", "0.9"), ("b2", "0.999")):
+        if not 0.0 <= train[name] < 1.0:
+            _fail(name, train[name], "must be in [0, 1) (an exponential decay rate)",
+                  f"e.g. {example}")
+    if not train.eps > 0:
+        _fail("eps", train.eps, "must be > 0 (AdamW divides by sqrt(v) + eps)", "e.g. 1e-8")
+    if train.weight_decay < 0:
+        _fail("weight_decay", train.weight_decay, "must be >= 0", "use 0 (off) or e.g. 0.01")
