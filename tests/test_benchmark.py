@@ -1,4 +1,4 @@
-"""experiments/benchmark.py in smoke mode: it runs and writes its files; nothing about speed."""
+"""experiments/benchmark/ in smoke mode: it runs and writes its files; nothing about speed."""
 import json
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from experiments import benchmark
+from experiments.benchmark import common, expert_parallel, report
 
 
 def test_hlo_collectives_counts_ops_and_bytes():
@@ -18,7 +18,7 @@ def test_hlo_collectives_counts_ops_and_bytes():
   %all-reduce-done = f32[16]{0} all-reduce-done(%all-reduce-start)
   ROOT %all-gather = s32[4,8]{1,0} all-gather(%e), dimensions={0}
 """
-    c = benchmark.hlo_collectives(hlo)
+    c = expert_parallel.hlo_collectives(hlo)
     assert c["all-to-all"] == {"count": 2, "bytes": 2 * 256 * 4 + 2048 * 2}
     assert c["all-reduce"] == {"count": 1, "bytes": 64}
     assert c["all-gather"] == {"count": 1, "bytes": 128}
@@ -28,11 +28,16 @@ def test_hlo_collectives_counts_ops_and_bytes():
 @pytest.mark.slow
 def test_smoke_run_writes_results(tmp_path):
     """The CLI as a user runs it: one host device, the expert-parallel section in a child
-    process on 8 simulated ones."""
+    process on 8 simulated ones; the allocator is set before anything imports JAX."""
     out = str(tmp_path)
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, "-m", "experiments.benchmark", "--out", out, "--smoke"],
-                   env=env, check=True)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "experiments.benchmark",
+                           "--out", out, "--smoke"], env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]
+    first_jax = next(i for i, m in enumerate(imported) if m.split(".")[0] == "jax")
+    assert imported.index("experiments.malloc") < first_jax
     for name in ("results.md", "results.json", "scaling.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "results.json")) as f:
@@ -52,12 +57,12 @@ def test_smoke_run_writes_results(tmp_path):
         assert r["switch"]["active_params"] == pytest.approx(r["dense"]["active_params"],
                                                              rel=0.05)
     assert [r["experts"] for r in saved["scaling"]["experts"]] == list(
-        benchmark.SIZES["smoke"]["experts"])
+        common.SIZES["smoke"]["experts"])
     assert all(r["step_s"] > 0 and r["step_compile_s"] > 0 for r in saved["scaling"]["experts"])
     assert [r["multiplier"] for r in saved["scaling"]["tokens"]] == list(
-        benchmark.SIZES["smoke"]["token_multipliers"])
+        common.SIZES["smoke"]["token_multipliers"])
     big = saved["scaling"]["experts_at_most_tokens"]
-    smoke = benchmark.SIZES["smoke"]
+    smoke = common.SIZES["smoke"]
     assert (big["experts"], big["multiplier"]) == (smoke["experts"][-1],
                                                    smoke["token_multipliers"][-1])
     assert big["step_vs_first"] > 0
@@ -65,7 +70,7 @@ def test_smoke_run_writes_results(tmp_path):
     assert set(ep) == {1, 8}
     assert ep[8]["collectives"]["all-to-all"]["count"] > 0
     assert ep[8]["collectives"]["all-to-all"]["bytes"] > 0
-    assert set(saved["targets"]) == set(benchmark.TARGETS)
+    assert set(saved["targets"]) == set(report.TARGETS)
     assert saved["targets"]["scaling_E128_vs_E8_step"]["value"] == big["step_vs_first"]
     assert "floor: the experts alone" in saved["targets"]["layer_dropless"]["note"]
     text = open(os.path.join(out, "results.md")).read()
