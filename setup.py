@@ -27,7 +27,8 @@ setup(
         "numpy>=2.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6"],
         "tf": ["tensorflow-cpu>=2.16"],
         "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
         "hf": ["torch>=2.4", "transformers>=4.45", "safetensors>=0.4"],

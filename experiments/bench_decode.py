@@ -171,6 +171,12 @@ def check_targets(families: list[dict]) -> dict:
     return out
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines; the first column left-aligned, the others right-aligned."""
+    return ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def write_markdown(results: dict, path: str) -> None:
     m, a = results["machine"], results["args"]
     lines = ["# Decoding speed (switchjax.decoding)", "",
@@ -181,34 +187,27 @@ def write_markdown(results: dict, path: str) -> None:
              f"Batch {a['batch']}, prompts of {a['prompt_length']} tokens, {a['new_tokens']} "
              f"new tokens, no EOS; medians of {a['rounds']} interleaved rounds after a "
              f"warm-up; random weights. Run time {results['wall_s']:.0f} s.", "",
-             "## Cached vs uncached greedy decoding", "",
-             "| model | params | cached (s) | uncached (s) | speed-up | same ids |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
-    for f in results["families"]:
-        lines.append(f"| {f['family']} | {f['params'] / 1e6:.1f}M | {f['cached_s']:.3f} | "
-                     f"{f['uncached_s']:.2f} | {f['cached_vs_uncached']:.1f}x | "
-                     f"{'yes' if f['ids_equal'] else 'NO'} |")
-    lines += ["", "## Tokens per second (cached)", "",
-              "| model | " + " | ".join(STRATEGIES) + " |",
-              "| --- |" + " ---: |" * len(STRATEGIES)]
-    for f in results["families"]:
-        lines.append(f"| {f['family']} | " + " | ".join(
-            f"{f['tokens_per_s'][s]:.0f}" for s in STRATEGIES) + " |")
+             "## Cached vs uncached greedy decoding", ""]
+    fams = results["families"]
+    lines += _table(["model", "params", "cached (s)", "uncached (s)", "speed-up", "same ids"], [
+        [f["family"], f"{f['params'] / 1e6:.1f}M", f"{f['cached_s']:.3f}",
+         f"{f['uncached_s']:.2f}", f"{f['cached_vs_uncached']:.1f}x",
+         "yes" if f["ids_equal"] else "NO"] for f in fams])
+    lines += ["", "## Tokens per second (cached)", ""]
+    lines += _table(["model", *STRATEGIES], [
+        [f["family"], *(f"{f['tokens_per_s'][s]:.0f}" for s in STRATEGIES)] for f in fams])
     lines += ["", "Sampling: temperature 0.8, top-k 50, top-p 0.95. Beam: 4 beams "
               "(tokens/s counts the returned sequences' tokens).", "",
-              "## Switch vs FLOP-matched dense, greedy, per generated token", "",
-              "| model | Switch (ms/token) | dense (ms/token) | dense d_ff | Switch / dense |",
-              "| --- | ---: | ---: | ---: | ---: |"]
-    for f in results["families"]:
-        lines.append(f"| {f['family']} | {f['switch_ms_per_token']:.2f} | "
-                     f"{f['dense_ms_per_token']:.2f} | {f['dense_d_ff']} | "
-                     f"{f['switch_vs_dense']:.2f} |")
+              "## Switch vs FLOP-matched dense, greedy, per generated token", ""]
+    lines += _table(["model", "Switch (ms/token)", "dense (ms/token)", "dense d_ff",
+                     "Switch / dense"], [
+        [f["family"], f"{f['switch_ms_per_token']:.2f}", f"{f['dense_ms_per_token']:.2f}",
+         str(f["dense_d_ff"]), f"{f['switch_vs_dense']:.2f}"] for f in fams])
     lines += ["", "ms/token: one batch step (all rows) per generated position.", "",
-              "## Targets (encoder-decoder, the CPU base model)", "",
-              "| target | value | goal | met |", "| --- | ---: | --- | --- |"]
-    for name, t in results["targets"].items():
-        lines.append(f"| {name} | {t['value']:.2f} | {t['target']} | "
-                     f"{'yes' if t['met'] else 'no'} |")
+              "## Targets (encoder-decoder, the CPU base model)", ""]
+    lines += _table(["target", "value", "goal", "met"], [
+        [name, f"{t['value']:.2f}", t["target"], "yes" if t["met"] else "no"]
+        for name, t in results["targets"].items()])
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
