@@ -652,8 +652,8 @@ CASES = [
                   'google/switch-base-8.')),
     Case("command line", "`benchmark --sections bogus`",
          argv=("experiments.benchmark", "--out", "{tmp}/bench", "--sections", "bogus"),
-         message=("benchmark.py: error: unknown sections ['bogus']; use ('layer', 'model', "
-                  "'scaling', 'ep')")),
+         message=("error: --sections='bogus': unknown sections ['bogus']. Fix: use a "
+                  "comma-separated subset of layer,model,scaling,ep.")),
 ]
 
 

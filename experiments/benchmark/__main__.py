@@ -34,6 +34,7 @@ import time  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments.benchmark import common, report  # noqa: E402
 from experiments.benchmark.sections import SECTIONS  # noqa: E402
+from switchjax.config import fail  # noqa: E402
 from switchjax.train.report import provenance  # noqa: E402
 
 NAMES = tuple(s.name for s in SECTIONS)
@@ -57,7 +58,8 @@ def parse_args(argv=None):
     args.reps = args.reps or (1 if args.smoke else 7)
     bad = set(args.sections.split(",")) - set(NAMES)
     if bad:
-        p.error(f"unknown sections {sorted(bad)}; use {NAMES}")
+        fail("--sections", args.sections, f"unknown sections {sorted(bad)}",
+             f"use a comma-separated subset of {','.join(NAMES)}")
     return args
 
 
