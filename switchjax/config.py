@@ -59,7 +59,7 @@ def fail(field: str, value, problem: str, fix: str, error: type = ConfigError):
 def check_types(section: str, values: Mapping, defaults: Mapping) -> None:
     """Every `section.<name>` of `values` has the type of its default in `defaults`:
     integers (not bools) for int fields, finite numbers for float fields, bools, strings,
-    tuples/lists of strings. Unknown names are errors."""
+    tuples/lists of strings or of integers. Unknown names are errors."""
     unknown = sorted(set(values.keys()) - set(defaults.keys()))
     if unknown:
         fail(f"{section}.{unknown[0]}", values[unknown[0]], "is not a known field",
@@ -80,9 +80,12 @@ def check_types(section: str, values: Mapping, defaults: Mapping) -> None:
         elif isinstance(default, str):
             if not isinstance(value, str):
                 fail(field, value, "must be a string", f"e.g. {default!r}")
-        elif isinstance(default, (tuple, list)):
-            if not (isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)):
-                fail(field, value, "must be a tuple of strings", f"e.g. {tuple(default)!r}")
+        elif isinstance(default, (tuple, list)):  # of strings, or of integers (checked later)
+            if not (isinstance(value, (tuple, list)) and (
+                    all(isinstance(v, str) for v in value) or
+                    all(isinstance(v, int) and not isinstance(v, bool) for v in value))):
+                fail(field, value, "must be a tuple of strings or of integers",
+                     f"e.g. {tuple(default)!r}")
 
 
 def check_groups(group_size: int, rows: int, lengths, shards: int = 1) -> None:
