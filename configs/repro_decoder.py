@@ -3,7 +3,7 @@
     python -m experiments.sweep --config configs/repro_decoder.py \
         --workdir /tmp/repro_decoder --report_dir results/repro_decoder
 
-The decoder-only recipe of configs/repro_base.py (4 layers, 8 experts in every other
+The decoder-only recipe of configs/repro_base.py (4 layers, 8 experts in every
 FFN, causal LM on the embedded corpus, 10.2M training tokens): top-1 against its
 FLOP-matched dense model (same d_ff), and top-2 against its own (d_ff widened by
 flops.flop_matched_dense so the dense FFNs do the FLOPs of two experts). Top-2 runs

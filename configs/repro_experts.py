@@ -4,7 +4,7 @@
         --workdir /tmp/repro --report_dir results/repro_experts
 
 The encoder-decoder recipe of configs/repro_base.py with 1 (the FLOP-matched dense
-model), 2, 4, 8 and 16 experts in every other FFN, top-1, at the learning rates chosen
+model), 2, 4, 8 and 16 experts in every FFN, top-1, at the learning rates chosen
 in configs/repro_sparse_vs_dense.py; 3 seeds. With the same --workdir as that sweep the
 dense and 8-expert runs are shared.
 

@@ -108,9 +108,9 @@ def test_config_arguments_are_checked():
 
 def test_repro_dense_baselines_are_flop_matched():
     """The dense variants of the repro sweeps do the FFN FLOPs of their sparse model: top-1
-    keeps d_ff, top-2 on half of the 4 decoder layers widens it by 1.5."""
+    keeps d_ff, top-2 in every decoder FFN doubles it."""
     from configs import repro_base, repro_decoder
     assert repro_base.dense(repro_base.encdec()) == {
         "model.decoder_moe_layers": "none", "model.encoder_moe_layers": "none"}
     top2 = repro_base.decoder(**repro_decoder.TOP2)
-    assert repro_base.dense(top2) == {"model.d_ff": 768, "model.decoder_moe_layers": "none"}
+    assert repro_base.dense(top2) == {"model.d_ff": 1024, "model.decoder_moe_layers": "none"}
