@@ -147,48 +147,71 @@ def moe_forward(params: dict, x_GSD: jax.Array, token_mask_GS: Optional[jax.Arra
         return jax.lax.psum(y, model_axis) if model_axis else y
 
     if m.dispatch == "ragged":  # kept assignments sorted by expert: no empty slots
-        weights = {k: params[k] for k in ("wi", "wi_gate", "wo") if k in params}
-        mlp = functools.partial(_expert_mlp, activation=cfg.activation, rate=m.expert_dropout)
-        # Assignments per expert when the load is balanced (of all n expert-axis peers'
-        # tokens under expert parallelism).
-        n = jax.lax.axis_size(expert_axis) if expert_axis else 1
-        mean_load = -(-n * G * S * routing.expert_index.shape[-1] // E)
-
-        def experts(x, r, num_experts):
-            return finish(kernels.ragged_experts(m.expert_kernel, x, r, num_experts, mlp,
-                                                 weights, mean_load, dropout_rng))
-        with jax.named_scope("ragged_experts"):
-            if expert_axis is None:
-                y = experts(x_GSD, routing, E)
-            else:
-                y = _ragged_expert_parallel(x_GSD, routing, E, experts, expert_axis)
+        y = _ragged_routed(params, x_GSD, routing, E, cfg, finish, expert_axis, dropout_rng)
     else:
-        dispatch_fn, combine_fn = dispatch_lib.DISPATCH[m.dispatch]
-        with jax.named_scope("dispatch"):
-            x_EGCD = dispatch_fn(x_GSD, routing)
-            if expert_axis:
-                x_EGCD = jax.lax.all_to_all(x_EGCD, expert_axis, 0, 1, tiled=True)
-        with jax.named_scope("experts"):
-            e, g, c, _ = x_EGCD.shape
-            y_EXD = finish(ffn(params, x_EGCD.reshape(e, g * c, D), cfg.activation,
-                               m.expert_dropout, kernels.expert_matmul(m.expert_kernel),
-                               dropout_rng))
-            y_EGCD = y_EXD.reshape(e, g, c, D)
-        with jax.named_scope("combine"):
-            if expert_axis:
-                y_EGCD = jax.lax.all_to_all(y_EGCD, expert_axis, 1, 0, tiled=True)
-            y = combine_fn(y_EGCD, routing, S)
+        y = _slot_routed(params, x_GSD, routing, cfg, finish, expert_axis, dropout_rng)
     if "shared_wi" in params:
-        with jax.named_scope("shared_experts"):
-            shared = {k[len("shared_"):]: params[k] for k in SHARED if k in params}
-            rng_shared = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1)
-            y_shared = finish(ffn(shared, x_GSD.reshape(G * S, D), cfg.activation,
-                                  m.expert_dropout, lambda a, w: a @ w, rng_shared))
-            y = y + y_shared.reshape(G, S, D).astype(y.dtype)
+        y = y + _shared_experts(params, x_GSD, cfg, finish, dropout_rng).astype(y.dtype)
     if m.dropped_token_output == "hf":  # transformers: dropped tokens leave as p_max·x
         reached = jnp.any(routing.kept, axis=-1, keepdims=True)
         y = y + jnp.where(reached, 0.0, probs.max(-1, keepdims=True)).astype(y.dtype) * x_GSD
     return y.astype(x_GSD.dtype), stats
+
+
+def _ragged_routed(params, x_GSD, routing, E, cfg, finish, expert_axis, dropout_rng):
+    """<[G, S, D]> output of the routed experts on the ragged path (grouped matmuls over
+    the kept assignments sorted by expert; under expert parallelism, see
+    `_ragged_expert_parallel`). `finish` sums the hidden-dim shards."""
+    m = cfg.moe
+    G, S, _ = x_GSD.shape
+    weights = {k: params[k] for k in ("wi", "wi_gate", "wo") if k in params}
+    mlp = functools.partial(_expert_mlp, activation=cfg.activation, rate=m.expert_dropout)
+    # Assignments per expert when the load is balanced (of all n expert-axis peers'
+    # tokens under expert parallelism).
+    n = jax.lax.axis_size(expert_axis) if expert_axis else 1
+    mean_load = -(-n * G * S * routing.expert_index.shape[-1] // E)
+
+    def experts(x, r, num_experts):
+        return finish(kernels.ragged_experts(m.expert_kernel, x, r, num_experts, mlp,
+                                             weights, mean_load, dropout_rng))
+    with jax.named_scope("ragged_experts"):
+        if expert_axis is None:
+            return experts(x_GSD, routing, E)
+        return _ragged_expert_parallel(x_GSD, routing, E, experts, expert_axis)
+
+
+def _slot_routed(params, x_GSD, routing, cfg, finish, expert_axis, dropout_rng):
+    """<[G, S, D]> output of the routed experts on the einsum / gather paths: tokens to
+    <[E, G, C, D]> expert slots (exchanged by all-to-all over `expert_axis`), the stacked
+    experts, and back."""
+    m = cfg.moe
+    _, S, D = x_GSD.shape
+    dispatch_fn, combine_fn = dispatch_lib.DISPATCH[m.dispatch]
+    with jax.named_scope("dispatch"):
+        x_EGCD = dispatch_fn(x_GSD, routing)
+        if expert_axis:
+            x_EGCD = jax.lax.all_to_all(x_EGCD, expert_axis, 0, 1, tiled=True)
+    with jax.named_scope("experts"):
+        e, g, c, _ = x_EGCD.shape
+        y_EXD = finish(ffn(params, x_EGCD.reshape(e, g * c, D), cfg.activation,
+                           m.expert_dropout, kernels.expert_matmul(m.expert_kernel),
+                           dropout_rng))
+        y_EGCD = y_EXD.reshape(e, g, c, D)
+    with jax.named_scope("combine"):
+        if expert_axis:
+            y_EGCD = jax.lax.all_to_all(y_EGCD, expert_axis, 1, 0, tiled=True)
+        return combine_fn(y_EGCD, routing, S)
+
+
+def _shared_experts(params, x_GSD, cfg, finish, dropout_rng):
+    """<[G, S, D]> output of the always-on shared experts (one FFN of width N·F)."""
+    G, S, D = x_GSD.shape
+    with jax.named_scope("shared_experts"):
+        shared = {k[len("shared_"):]: params[k] for k in SHARED if k in params}
+        rng_shared = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1)
+        y = finish(ffn(shared, x_GSD.reshape(G * S, D), cfg.activation,
+                       cfg.moe.expert_dropout, lambda a, w: a @ w, rng_shared))
+    return y.reshape(G, S, D)
 
 
 def _expert_mlp(params, x, matmul, rng, activation, rate):
