@@ -107,6 +107,27 @@ def _cost(compiled) -> dict:
             "transcendentals": float(cost.get("transcendentals", 0.0))}
 
 
+def _checked_mesh(config, cfg: ModelConfig, devices: Sequence, mesh_shape, batch_size: int,
+                  lengths: tuple[int, int], accum_steps: int):
+    """(mesh, logical rules) of `mesh_shape` over `devices`, after the checks a run makes
+    (train fields at this batch, device count, mesh against the model and the groups)."""
+    train_cfg = ml_collections.ConfigDict(config.train.to_dict())
+    train_cfg.batch_size, train_cfg.accum_steps = batch_size, accum_steps
+    validate_train_config(train_cfg)
+    if math.prod(mesh_shape) != len(devices):
+        fail("--mesh", ",".join(map(str, mesh_shape)),
+             f"needs {math.prod(mesh_shape)} devices but there are {len(devices)}",
+             f"use sizes whose product is {len(devices)} (one of them may be -1)")
+    mesh_cfg = ml_collections.ConfigDict(config.mesh.to_dict())
+    mesh_cfg.data, mesh_cfg.expert, mesh_cfg.model = mesh_shape
+    mesh = sharding_lib.make_mesh(mesh_cfg, devices)
+    rules = sharding_lib.logical_rules(mesh_cfg)
+    inputs_length, targets_length = lengths
+    seq = (targets_length,) + ((inputs_length,) if cfg.family == "encoder_decoder" else ())
+    sharding_lib.validate_mesh(cfg, mesh, batch_size // accum_steps, rules, seq)
+    return mesh, rules
+
+
 def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
                        mesh_shape: tuple[int, int, int], batch_size: int, inputs_length: int,
                        targets_length: int, accum_steps: int = 1,
@@ -124,19 +145,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
     times = {}
     t0 = time.perf_counter()
     cfg = ModelConfig.from_config(config)
-    train_cfg = ml_collections.ConfigDict(config.train.to_dict())
-    train_cfg.batch_size, train_cfg.accum_steps = batch_size, accum_steps
-    validate_train_config(train_cfg)
-    if math.prod(mesh_shape) != len(devices):
-        fail("--mesh", ",".join(map(str, mesh_shape)),
-             f"needs {math.prod(mesh_shape)} devices but there are {len(devices)}",
-             f"use sizes whose product is {len(devices)} (one of them may be -1)")
-    mesh_cfg = ml_collections.ConfigDict(config.mesh.to_dict())
-    mesh_cfg.data, mesh_cfg.expert, mesh_cfg.model = mesh_shape
-    mesh = sharding_lib.make_mesh(mesh_cfg, devices)
-    rules = sharding_lib.logical_rules(mesh_cfg)
-    lengths = (targets_length,) + ((inputs_length,) if cfg.family == "encoder_decoder" else ())
-    sharding_lib.validate_mesh(cfg, mesh, batch_size // accum_steps, rules, lengths)
+    mesh, rules = _checked_mesh(config, cfg, devices, mesh_shape, batch_size,
+                                (inputs_length, targets_length), accum_steps)
     model = make_model(cfg)
     tx = make_optimizer(config.train)
     batch_shapes = dummy_batch(cfg, batch_size, max(inputs_length, 1), targets_length)
