@@ -15,7 +15,7 @@ same share of the choices) and the dropped fractions.
 Runtime: 3 variants x 2 seeds x ~2 min on a quiet 2-core CPU (600 steps each), more
 on a busy one; `:smoke` runs 30 tiny steps per run.
 
-Measured: see the end of this docstring (results/ablate_balance/).
+Not measured yet: no results/ablate_balance/ is committed.
 """
 from configs import common, cpu_base
 

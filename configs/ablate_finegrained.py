@@ -17,7 +17,7 @@ Runtime: 4 variants x 2 seeds x ~2-3 min on a quiet 2-core CPU (600 steps each),
 on a busy one; `:smoke` runs 30 tiny steps per run (the variants keep their own expert
 counts and widths on the tiny base).
 
-Measured: see the end of this docstring (results/ablate_finegrained/).
+Not measured yet: no results/ablate_finegrained/ is committed.
 """
 from configs import common, cpu_base
 

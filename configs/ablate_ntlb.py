@@ -11,7 +11,7 @@ The expert FLOPs are the same (capacity does not change); fewer tokens are dropp
 Runtime: 4 variants x 2 seeds x ~2 min on a quiet 2-core CPU (600 steps each), more
 on a busy one; `:smoke` runs 30 tiny steps per run.
 
-Measured: see the end of this docstring (results/ablate_ntlb/).
+Not measured yet: no results/ablate_ntlb/ is committed.
 """
 from configs import common, cpu_base
 

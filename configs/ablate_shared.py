@@ -13,7 +13,7 @@ Variants (top-1, 8 experts of d_ff 512 in every other FFN, unless noted):
 Runtime: 3 variants x 2 seeds x ~2 min on a quiet 2-core CPU (600 steps each), more
 on a busy one; `:smoke` runs 30 tiny steps per run.
 
-Measured: see the end of this docstring (results/ablate_shared/).
+Not measured yet: no results/ablate_shared/ is committed.
 """
 from configs import common, cpu_base
 

@@ -9,14 +9,10 @@ The model and recipe are configs/cpu_base.py: T5 blocks, 2+2 layers, d_model
 29 target tokens of span corruption on the Python standard library, 8000
 SentencePiece pieces + 100 sentinels), Adafactor, rsqrt schedule (peak 0.01).
 
-Measured (2-core shared CPU, this code, corpus and tokenizer already
-cached): 1 min 24 s wall in all (81 s inside train_and_evaluate:
-compilation, 600 steps, 4 evaluations; an earlier, slower VM of the same
-kind took 2 min 5 s, 150 s there with SWITCHJAX_MALLOC=default). Eval loss
-(token cross-entropy) 9.04 at step 0 -> 4.91 (step 200) -> 4.60 (400) ->
-4.44 (600), eval accuracy 0.308; dropped tokens 12.3% in training (capacity
-1.25), 0.9% in eval (capacity 2.0). A first run on a new machine adds
-~5-30 s to build the corpus and train the tokenizer.
+Measured (2-core CPU, corpus and tokenizer already cached): see
+results/main_job/README.md (wall time, eval loss and accuracy, dropped tokens) and
+its log.txt (what the command prints). A first run on a new machine adds ~5-30 s to
+build the corpus and train the tokenizer.
 """
 from configs import cpu_base
 
