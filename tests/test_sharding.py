@@ -441,7 +441,7 @@ def test_mesh_and_config_errors_name_the_field_and_fix():
         ({"moe.num_experts_per_layer": (6,)}, 8,
          r"moe.num_experts_per_layer=\(6,\): not every layer's experts are divisible by "
          r"mesh.expert=4"),
-        ({"moe.expert_d_ff": 33}, 8, "moe.expert_d_ff=33 is not divisible by mesh.model=2"),
+        ({"moe.expert_d_ff": 33}, 8, "moe.expert_d_ff=33: is not divisible by mesh.model=2"),
     ]
     for overrides, batch_size, pattern in cases:
         with pytest.raises(ConfigError, match=pattern + r".*Fix"):
