@@ -10,8 +10,9 @@ initialisation, the data order and the dropout/jitter keys; runs with the same s
 see the same batches). The learning rate is chosen fairly: a grid of three peak rates
 for each model (seed 0), then three seeds at each model's best rate.
 
-Runtime on the 2-core CPU: ~10 min per run, 10 runs.
-Measured: see results/repro_sparse_vs_dense/results.md.
+Runtime on the 2-core CPU: ~15 min per run on a quiet machine, 10 runs.
+Measured (seeds 0 and 1 at rate 0.01; the grid and seed 2 not run yet): Switch 3.9476 ±
+0.0232, dense 3.9691 ± 0.0132, paired gap -0.0215 (results/repro_sparse_vs_dense/).
 """
 from configs import common, repro_base
 

@@ -31,6 +31,7 @@ import sys
 
 import numpy as np
 
+from experiments import cli
 from switchjax.config import ConfigError, fail
 
 STRATEGY_FLAGS = ("strategy", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams",
@@ -261,10 +262,10 @@ def main(argv=None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return run(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except FileNotFoundError as e:  # a file a flag names, gone before it was read
+        raise ConfigError(f"{e.filename!r}: {e.strerror}. Fix: check the paths given on "
+                          "the command line.") from e
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_plain(main)

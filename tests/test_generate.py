@@ -19,6 +19,7 @@ import pytest
 
 from configs import decoder_moe
 from test_decoding import random_params
+from experiments import cli as cli_lib
 from experiments import generate as cli
 from switchjax.config import ModelConfig, model_config_dict
 from switchjax.convert.hf_switch import load_converted, save_converted
@@ -48,7 +49,7 @@ def converted(tmp_path_factory):
 
 def errors(capsys, argv) -> str:
     with pytest.raises(SystemExit) as e:
-        cli.main(argv)
+        cli_lib.clean_errors(cli.main)(argv)
     assert e.value.code == 2
     return capsys.readouterr().err
 

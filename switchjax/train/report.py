@@ -297,9 +297,11 @@ def _pyplot():
 
 def plot_eval_loss(runs: list[dict], path: str, against: str = "step") -> None:
     """Eval loss vs `against` ('step' or 'time': training seconds), one line per variant:
-    the mean over its seeds with a ±1σ band."""
+    the mean over its seeds with a ±1σ band. The y axis starts at the second evaluation
+    (the first, at step 0, is the untrained model's loss)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = []
     for variant, (steps, losses, secs) in eval_curves(runs).items():
         x = steps if against == "step" else secs.mean(0)
         mean = losses.mean(0)
@@ -308,6 +310,9 @@ def plot_eval_loss(runs: list[dict], path: str, against: str = "step") -> None:
         if n > 1:
             sd = losses.std(0, ddof=1)
             ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+        top.append(mean[min(1, len(mean) - 1)])
+    if top:
+        ax.set_ylim(None, max(top) + 0.02 * abs(max(top)))
     ax.set_xlabel("step" if against == "step" else "training seconds (this machine)")
     ax.set_ylabel("eval loss (token cross-entropy)")
     ax.grid(alpha=0.3)
