@@ -115,7 +115,8 @@ def mean_std(values) -> tuple[float, float]:
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Per variant (in first-seen order): seeds finished, and (mean, σ) of each SUMMARY
-    column over them; `eval_loss_sem` is the mean eval sampling error of one run."""
+    column over them (NaN for a column the rows lack: a results.csv of an older code);
+    `eval_loss_sem` is the mean eval sampling error of one run."""
     out = {}
     for row in rows:
         out.setdefault(row["variant"], []).append(row)
@@ -126,7 +127,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                  "params_total": group[0]["params_total"],
                  "eval_loss_sem": mean_std([r["eval_loss_sem"] for r in done])[0]}
         for key, _ in SUMMARY:
-            entry[key] = mean_std([r[key] for r in done])
+            entry[key] = mean_std([r.get(key, np.nan) for r in done])
         summary.append(entry)
     return summary
 
