@@ -124,6 +124,14 @@ def _inject_enospc(monkeypatch, workdir: str):
     monkeypatch.setattr(builtins, "open", full_open)
 
 
+def _one_and_a_half_checkpoints_kib(run_dir: str) -> int:
+    """1.5x the pages (4 KiB each, as tmpfs counts them) of `run_dir`'s one checkpoint: a
+    filesystem of that size holds one checkpoint of the run, not two."""
+    pages = sum(-(-os.path.getsize(os.path.join(d, f)) // 4096)
+                for d, _, files in os.walk(os.path.join(run_dir, "checkpoints")) for f in files)
+    return int(1.5 * pages * 4)
+
+
 def _small_filesystem(path: str, size: str) -> bool:
     os.makedirs(path, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "switchjax_test", path],
@@ -140,7 +148,7 @@ def test_full_disk_during_a_write_stops_cleanly_and_keeps_the_previous(how, tmp_
     mounted = os.path.join(workdir, "checkpoints")
     if how == "injected":
         _inject_enospc(monkeypatch, workdir)
-    elif not _small_filesystem(mounted, "5m"):  # one checkpoint (3.7 MB on tmpfs) fits, two do not
+    elif not _small_filesystem(mounted, f"{_one_and_a_half_checkpoints_kib(reference)}k"):
         pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
     try:
         with pytest.raises(checkpoint.CheckpointWriteError) as e:
