@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from configs import cpu_base
+from experiments import cli
 from switchjax.config import ModelConfig
 from switchjax.decoding import DecodeOptions, generate_fn, greedy_decode
 from switchjax.flops import flop_matched_dense
@@ -247,4 +248,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_plain(main)
