@@ -128,8 +128,7 @@ def wrap_train_step(monkeypatch, before_step):
 def poison_router(params, cfg, layer: int):
     """Params with the router weight of MoE layer `layer` (encoder first) set to NaN."""
     import jax.numpy as jnp
-    from switchjax.train import loop
-    stack, index = loop.moe_layer_names(cfg)[layer]
+    stack, index = cfg.moe_layers()[layer]
     params = jax.tree.map(lambda x: x, params)  # new containers, same leaves
     moe = params[stack][f"layer_{index}"]["moe"]
     moe["router"] = jax.device_put(jnp.full_like(moe["router"], jnp.nan), moe["router"].sharding)

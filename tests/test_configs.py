@@ -10,7 +10,7 @@ import pytest
 from _train_utils import REPO
 from switchjax.config import ModelConfig
 from switchjax.flops import flop_matched_dense, param_counts
-from switchjax.train import loop
+from switchjax.train import loop, validate
 from switchjax.train.sweep import apply_overrides, variant_name
 from switchjax.train.train_config import validate_train_config
 
@@ -43,7 +43,7 @@ def test_every_config_file_is_covered():
 @pytest.mark.parametrize("module,arg", CASES, ids=[f"{m}:{a}" for m, a in CASES])
 def test_config_builds_and_validates(module, arg):
     config = _config(module, arg)
-    assert set(config.keys()) == set(loop.SECTIONS)
+    assert set(config.keys()) == set(validate.SECTIONS)
     if (module, arg) in PAPER_FULL:  # C4 is not prepared here: everything but the data
         ModelConfig.from_config(config)
         validate_train_config(config.train)

@@ -12,7 +12,6 @@ from switchjax.config import ConfigError, ModelConfig
 from switchjax.data import make_tokenizer
 from switchjax.train import train_and_evaluate
 from switchjax.train.checkpoint import CheckpointError
-from switchjax.train.loop import moe_layer_names
 
 TEXT = "def add(x, y):\n    return x + y  # The sum of two numbers."
 
@@ -36,8 +35,8 @@ def test_inspect_trained_run(tmp_path, capsys):
     num_experts = config.moe.num_experts
     sections = re.split(r"^== ", out, flags=re.M)[1:]
     names = [s.split(":")[0] for s in sections]
-    assert names == [f"{stack}/layer_{i}" for stack, i in moe_layer_names(
-        ModelConfig.from_config(config))]
+    assert names == [f"{stack}/layer_{i}" for stack, i in
+                     ModelConfig.from_config(config).moe_layers()]
     for section in sections:
         header, _, *rows = section.splitlines()[:2 + num_experts]
         assert int(re.search(r": (\d+) tokens", header).group(1)) == n_text

@@ -50,10 +50,8 @@ from switchjax.train import stops
 from switchjax.train.optimizer import make_optimizer, make_schedule
 from switchjax.train.state import create_train_state, dummy_batch, state_shardings
 from switchjax.train.step import jit_eval_step, jit_train_step
-from switchjax.train.stops import (DataError, NonFiniteError, Preempted,  # noqa: F401
-                                   first_non_finite, moe_layer_names)
-from switchjax.train.validate import (SECTIONS, batch_lengths, validate_config,  # noqa: F401
-                                      validate_devices)
+from switchjax.train.stops import DataError, NonFiniteError, first_non_finite
+from switchjax.train.validate import validate_config, validate_devices
 
 FINAL = "final_metrics.json"
 CONFIG_JSON = "config.json"

@@ -31,15 +31,10 @@ class Preempted(ReportedError):
     exit_status = 128 + signal.SIGTERM
 
 
-def moe_layer_names(cfg: ModelConfig) -> list[tuple[str, int]]:
-    """(stack, layer index) of each MoE layer, in the order of the stats arrays."""
-    return list(cfg.moe_layers())
-
-
 def first_non_finite(m: dict, cfg: ModelConfig) -> list[str]:
     """Names of non-finite quantities, first in computation order (MoE layers first)."""
     bad = []
-    for j, (stack, index) in enumerate(moe_layer_names(cfg)):
+    for j, (stack, index) in enumerate(cfg.moe_layers()):
         for key, what in (("aux_loss_per_layer", "aux loss"), ("router_z_loss_per_layer",
                                                               "router z-loss")):
             if key in m and not np.isfinite(m[key][j]):
