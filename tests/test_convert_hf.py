@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from switchjax.config import ModelConfig  # noqa: E402
-from switchjax.convert import hf_switch  # noqa: E402
+from switchjax.convert import hf_files, hf_switch  # noqa: E402
 from switchjax.decoding import greedy_decode  # noqa: E402
 from switchjax.layers import relative_position_bucket  # noqa: E402
 from switchjax.models import make_model  # noqa: E402
@@ -243,7 +243,7 @@ def test_router_bias_is_rejected(dirs):
     hf["router_bias"] = False  # config lies: the tensors still have a bias
     with pytest.raises(hf_switch.ConversionError, match="router.classifier.bias"):
         cfg = ModelConfig.from_config(hf_switch.switchjax_config(hf))
-        hf_switch.convert_params(hf, hf_switch.read_checkpoint(hf_dir)[1], cfg)
+        hf_switch.convert_params(hf, hf_files.read_checkpoint(hf_dir)[1], cfg)
 
 
 def test_bin_and_sharded_checkpoints_convert_the_same(tied, dirs):
@@ -262,7 +262,7 @@ def test_bin_and_sharded_checkpoints_convert_the_same(tied, dirs):
     with open(os.path.join(sharded_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"weight_map": {k: file for file, keys in halves.items() for k in keys}}, f)
     for d in (bin_dir, sharded_dir):
-        hf, read = hf_switch.read_checkpoint(d)
+        hf, read = hf_files.read_checkpoint(d)
         assert sorted(read) == names
         other = hf_switch.convert_params(hf, read, cfg)
         jax.tree.map(np.testing.assert_array_equal, other, jax.tree.map(np.asarray, params))

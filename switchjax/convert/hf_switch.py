@@ -44,8 +44,8 @@ import ml_collections
 import numpy as np
 
 from switchjax.config import ModelConfig, model_config_dict
-from switchjax.convert.hf_files import (REQUIRED_FIELDS, ConversionError,  # noqa: F401
-                                        load_weights, read_checkpoint, read_config, reject)
+from switchjax.convert.hf_files import (REQUIRED_FIELDS, ConversionError, load_weights,
+                                        read_config, reject)
 from switchjax.fs import check_writable
 from switchjax.models import make_model
 
