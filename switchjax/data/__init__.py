@@ -1,4 +1,5 @@
-"""Data: TFDS sources by name, the embedded corpus, tokenizer, objectives, packing.
+"""Data: TFDS sources by name, the embedded corpus, text-to-text pairs (JSONL, TSV, TFDS
+features), tokenizer, objectives, packing.
 
     cfg = get_data_config()            # then override fields, e.g. cfg.name = 'c4/en:3.1.0'
     validate_data_config(cfg)          # ValueError naming the field and the fix

@@ -6,7 +6,10 @@ that cannot work: a field of the wrong type, unknown objective, missing data_dir
 a TFDS name that is not prepared in data_dir, an empty file glob, files that are not
 UTF-8 text, a data_dir that cannot be written when the corpus or tokenizer must be
 built there, a SentencePiece model that cannot be loaded or does not follow T5's id
-convention, lengths that T5's span corruption cannot fill.
+convention, lengths that T5's span corruption cannot fill, text-to-text pairs that
+cannot be read (a glob matching nothing, a bad JSONL or TSV line named by file and line,
+a label outside `label_names`, a TFDS dataset without the input or target feature).
+`validate_family` checks the objective against the model family.
 """
 from __future__ import annotations
 
@@ -17,31 +20,38 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from switchjax.config import check_types, fail
-from switchjax.data import corpus
+from switchjax.data import corpus, pairs
 from switchjax.data.objectives import random_spans_helper
 from switchjax.data.tokenizer import Tokenizer
 from switchjax.fs import check_writable
 
-OBJECTIVES = ("span_corruption", "causal_lm")
+OBJECTIVES = ("span_corruption", "causal_lm", "text_to_text")
 EMBEDDED = "embedded"
+FAMILY_OBJECTIVE = {"encoder_decoder": "span_corruption", "decoder_only": "causal_lm"}
 
 
 def get_data_config() -> ml_collections.ConfigDict:
     """Defaults: the embedded stdlib corpus, a local 8k SentencePiece, T5 span corruption."""
     cfg = ml_collections.ConfigDict()
-    # 'embedded' (local files as TFDS, see corpus.py) or a TFDS name with an
-    # optional config and version prepared in data_dir, e.g. 'c4/en:3.1.0'.
+    # 'embedded' (local files as TFDS, see corpus.py), 'jsonl' or 'tsv' (text-to-text
+    # pairs in local files, see pairs.py), or a TFDS name with an optional config and
+    # version prepared in data_dir, e.g. 'c4/en:3.1.0'.
     cfg.name = EMBEDDED
     cfg.data_dir = "~/tensorflow_datasets"  # created for 'embedded', must exist otherwise
     cfg.files = ()  # 'embedded' only: tuple of globs; () = the Python standard library
     cfg.text_key = "text"  # feature holding the text (c4, lm1b, wiki40b: 'text')
+    cfg.train_files = ""  # 'jsonl'/'tsv': path or glob of the train split's files
+    cfg.eval_files = ""  # 'jsonl'/'tsv': path or glob of the eval split's files
+    cfg.inputs_key = "inputs"  # text_to_text: JSONL field, TSV column or TFDS feature
+    cfg.targets_key = "targets"  # (TSV: both decimal = 0-based columns, no header line)
+    cfg.label_names = ()  # text_to_text: non-empty = the target is label i -> names[i]
     cfg.train_split = "train"
     cfg.eval_split = "validation"
     cfg.spm_path = ""  # SentencePiece model; '' = train one on the train split, cache in data_dir
     cfg.vocab_size = 8000  # pieces of the locally trained model (ignored with spm_path)
     cfg.num_extra_ids = 100  # sentinels on top: sentinel i = total vocab - 1 - i
-    cfg.objective = "span_corruption"  # or 'causal_lm'
-    cfg.inputs_length = 512  # encoder length (span corruption only)
+    cfg.objective = "span_corruption"  # or 'causal_lm', 'text_to_text'
+    cfg.inputs_length = 512  # encoder length; decoder-only text_to_text: the prompt's share
     cfg.targets_length = 114  # decoder length; T5: 114 for inputs_length 512
     cfg.noise_density = 0.15
     cfg.mean_noise_span_length = 3.0
@@ -82,6 +92,28 @@ def tfds_builder(cfg: ml_collections.ConfigDict):
 
 
 def _validate_source(cfg: ml_collections.ConfigDict):
+    pairs_wanted = cfg.objective == "text_to_text"
+    if pairs_wanted and cfg.name == EMBEDDED:
+        _fail("name", cfg.name, "holds plain text, no input/target pairs for "
+              "data.objective='text_to_text'", "use data.name='jsonl' or 'tsv' with "
+              "data.train_files and data.eval_files, or a TFDS dataset with the "
+              "data.inputs_key and data.targets_key features")
+    if not pairs_wanted and cfg.name in pairs.FILE_FORMATS:
+        _fail("objective", cfg.objective, f"data.name={cfg.name!r} holds input/target pairs",
+              "use data.objective='text_to_text'")
+    for field in ("train_files", "eval_files"):
+        if cfg[field] and cfg.name not in pairs.FILE_FORMATS:
+            _fail(field, cfg[field], f"only used with data.name in {pairs.FILE_FORMATS}",
+                  f"set data.{field}='' or data.name to 'jsonl' or 'tsv'")
+    if pairs_wanted:
+        _validate_pairs(cfg)
+    if cfg.name in pairs.FILE_FORMATS:
+        if cfg.files:
+            _fail("files", tuple(cfg.files), f"only used with data.name='{EMBEDDED}'",
+                  "set data.files=(); data.train_files and data.eval_files name the files")
+        for field in ("train_files", "eval_files"):
+            pairs.FilePairs(cfg.name, f"data.{field}", cfg[field], pairs.Keys.of(cfg))
+        return
     if cfg.name == EMBEDDED:
         corpus.source_files(tuple(cfg.files))  # Raises naming data.files.
         features, splits = ("text", "path", "chunk"), ("train", "validation")
@@ -91,7 +123,9 @@ def _validate_source(cfg: ml_collections.ConfigDict):
                   "set data.files=() or data.name='embedded'")
         builder = tfds_builder(cfg)
         features, splits = tuple(builder.info.features.keys()), tuple(builder.info.splits)
-    if cfg.text_key not in features:
+        if pairs_wanted:
+            _validate_pair_features(cfg, builder.info.features)
+    if not pairs_wanted and cfg.text_key not in features:
         _fail("text_key", cfg.text_key, f"not a feature of {cfg.name} {features}",
               "set data.text_key to the text feature")
     for field in ("train_split", "eval_split"):
@@ -101,10 +135,59 @@ def _validate_source(cfg: ml_collections.ConfigDict):
                   f"use one of {splits}")
 
 
+def _validate_pairs(cfg: ml_collections.ConfigDict) -> None:
+    """The text_to_text fields that need no data: keys, label names, inputs_length."""
+    for field in ("inputs_key", "targets_key"):
+        if not cfg[field]:
+            _fail(field, cfg[field], "is empty", "name the JSONL field, TSV column or TFDS "
+                  "feature")
+    names = tuple(cfg.label_names)
+    if not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) < len(names):
+        _fail("label_names", names, "must be distinct non-empty strings",
+              "e.g. ('negative', 'positive'), or () when the targets are text")
+    if cfg.inputs_length < 2:
+        _fail("inputs_length", cfg.inputs_length, "too short", "use at least 2")
+
+
+def _validate_pair_features(cfg: ml_collections.ConfigDict, features) -> None:
+    """A TFDS dataset has both features; labels fit `label_names`."""
+    for field in ("inputs_key", "targets_key"):
+        if cfg[field] not in features:
+            _fail(field, cfg[field], f"not a feature of {cfg.name} {tuple(sorted(features))}",
+                  f"set data.{field} to the {field.split('_')[0]} feature")
+    target = features[cfg.targets_key]
+    num_classes = getattr(target, "num_classes", None)  # tfds.features.ClassLabel
+    if num_classes is not None and num_classes > len(cfg.label_names):
+        _fail("label_names", tuple(cfg.label_names), f"{cfg.name}'s target "
+              f"{cfg.targets_key!r} holds {num_classes} integer labels",
+              f"give one word per label, e.g. {tuple(target.names)}")
+
+
+def validate_family(cfg: ml_collections.ConfigDict, family: str) -> None:
+    """The objective fits the model family: span corruption or text-to-text for the
+    encoder-decoder, causal LM or text-to-text for the decoder-only LM, whose rows then
+    hold a prompt of at most `inputs_length` tokens and an answer of at least 2."""
+    wanted = FAMILY_OBJECTIVE[family]
+    if cfg.objective not in (wanted, "text_to_text"):
+        _fail("objective", cfg.objective, f"does not fit model.family={family!r}",
+              f"use data.objective={wanted!r}")
+    if cfg.objective == "text_to_text" and family == "decoder_only" and (
+            cfg.targets_length < cfg.inputs_length + 2):
+        _fail("targets_length", cfg.targets_length, f"a decoder-only text_to_text row holds "
+              f"the prompt (data.inputs_length={cfg.inputs_length} tokens) and the answer",
+              f"use data.targets_length >= {cfg.inputs_length + 2} (inputs_length + the "
+              "answer's length)")
+
+
 def spm_cache_path(cfg: ml_collections.ConfigDict) -> str:
     """Where the locally trained SentencePiece model of `cfg` is cached."""
     if cfg.name == EMBEDDED:
         dataset = "embedded_" + corpus.source_files(tuple(cfg.files)).config_name
+    elif cfg.name in pairs.FILE_FORMATS:
+        paths = pairs.match_files("data.train_files", cfg.train_files)
+        dataset = f"{cfg.name}_{pairs.fingerprint(paths, pairs.Keys.of(cfg))}"
+    elif cfg.objective == "text_to_text":
+        dataset = f"{cfg.name}_{pairs.fingerprint([], pairs.Keys.of(cfg))}"
     else:
         dataset = cfg.name
     key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}-{cfg.train_split}-{cfg.vocab_size}")

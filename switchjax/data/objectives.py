@@ -1,13 +1,16 @@
-"""Pre-training objectives on token ids: T5 span corruption and causal LM.
+"""Objectives on token ids: T5 span corruption, causal LM and supervised text-to-text.
 
-Each objective turns the token ids of one document (`<int32>[N]`, no EOS) into
-a list of examples, each a dict of 1-D int32 arrays that ends with EOS:
+The pre-training objectives turn the token ids of one document (`<int32>[N]`, no EOS)
+into a list of examples, each a dict of 1-D int32 arrays that ends with EOS:
 
 - span corruption (encoder-decoder): the document is split into chunks of
   `tokens_length` raw tokens (T5's `split_tokens`), each chunk becomes
   `{'inputs': <int32>[<= inputs_length], 'targets': <int32>[<= targets_length]}`;
 - causal LM (decoder-only): document + EOS split into chunks of `length`,
   `{'targets': <int32>[<= length]}` (the decoder inputs are made after packing).
+
+Text-to-text (`TextToText`) turns one input/target pair of token ids into one example
+(see there for both families' layouts).
 
 The span-corruption functions follow `t5.data.preprocessors` (random_spans_helper,
 random_spans_noise_mask, noise_span_to_unique_sentinel, ...) in numpy: same
@@ -155,3 +158,41 @@ class CausalLM:
         del rng
         tokens = np.concatenate([tokens, [self.eos_id]]).astype(np.int32)
         return [{"targets": chunk} for chunk in split_tokens(tokens, self.length)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextToText:
+    """A supervised pair -> one example; too-long texts are truncated, EOS always kept.
+
+    Encoder-decoder: `{'inputs': inputs[:Li - 1] + EOS, 'targets': targets[:Lt - 1] + EOS}`
+    with Li = inputs_length, Lt = targets_length.
+
+    Decoder-only: one decoder row of at most Lt tokens, the prompt then the answer,
+    `{'targets': inputs[:Li - 1] + EOS + targets[:Lt - Li - 1] + EOS, 'loss_mask': 0 on
+    the prompt, 1 on the answer}`: inputs_length is the prompt's share of the row (EOS
+    separates prompt and answer), the loss is on the answer only
+    (`packing.model_batch`), and a decoder generates the answer from the prompt.
+    """
+
+    inputs_length: int
+    targets_length: int
+    eos_id: int
+    decoder_only: bool = False
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        """(input tokens, target tokens) kept, EOS not counted."""
+        answer = self.targets_length - self.inputs_length if self.decoder_only \
+            else self.targets_length
+        return self.inputs_length - 1, answer - 1
+
+    def __call__(self, inputs: np.ndarray, targets: np.ndarray) -> list[dict]:
+        """<int32>[Ni], <int32>[Nt] (no EOS) -> [example] (see the class docstring)."""
+        eos = np.array([self.eos_id], np.int32)
+        max_inputs, max_targets = self.limits
+        prompt = np.concatenate([inputs[:max_inputs], eos]).astype(np.int32)
+        answer = np.concatenate([targets[:max_targets], eos]).astype(np.int32)
+        if not self.decoder_only:
+            return [{"inputs": prompt, "targets": answer}]
+        mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(answer), np.int32)])
+        return [{"targets": np.concatenate([prompt, answer]), "loss_mask": mask}]

@@ -5,7 +5,9 @@ each feature; every example gets a segment id (1, 2, 3, ... within the row, 0
 on padding) and positions that restart at 0 with each segment. The
 `inputs` and `targets` of one span-corruption example share their segment
 id, so encoder, decoder and cross attention can all be masked per segment.
-Without packing each row holds exactly one example (segment id 1).
+Without packing each row holds exactly one example (segment id 1). An optional
+`loss_mask` feature (decoder-only text-to-text: 0 on the prompt, 1 on the answer) is
+packed like `targets`, at the same offsets, and zeroes the loss weights it masks.
 
 `model_batch` turns packed rows into the batch the model and losses read
 (B rows, Li encoder length, Lt decoder length; int32 unless noted):
@@ -15,7 +17,8 @@ Without packing each row holds exactly one example (segment id 1).
     decoder_input_tokens     targets shifted right within each segment,
                              0 (BOS) at each segment start          [B, Lt]
     decoder_target_tokens, decoder_segment_ids, decoder_positions   [B, Lt]
-    decoder_loss_weights     <float32> 1 on target tokens, 0 on padding
+    decoder_loss_weights     <float32> 1 on target tokens, 0 on padding (and where
+                             `loss_mask` is 0)
 """
 from __future__ import annotations
 
@@ -66,7 +69,8 @@ def shift_right_by_segment(targets: np.ndarray, positions: np.ndarray) -> np.nda
 
 
 def model_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Packed rows `[B, L]` (`inputs*` optional, `targets*`) -> the model's batch."""
+    """Packed rows `[B, L]` (`inputs*` and `loss_mask*` optional, `targets*`) -> the
+    model's batch."""
     batch = {}
     if "inputs" in rows:
         batch["encoder_input_tokens"] = rows["inputs"].astype(np.int32)
@@ -77,7 +81,10 @@ def model_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     batch["decoder_target_tokens"] = rows["targets"].astype(np.int32)
     batch["decoder_segment_ids"] = rows["targets_segment_ids"].astype(np.int32)
     batch["decoder_positions"] = rows["targets_positions"].astype(np.int32)
-    batch["decoder_loss_weights"] = (rows["targets_segment_ids"] > 0).astype(np.float32)
+    weights = rows["targets_segment_ids"] > 0
+    if "loss_mask" in rows:
+        weights &= rows["loss_mask"] > 0
+    batch["decoder_loss_weights"] = weights.astype(np.float32)
     return batch
 
 

@@ -29,10 +29,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
         if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
             fail(name, seed, "must be an integer >= 0", "e.g. 0")
     _data_config().validate_data_config(data)
-    wanted = "span_corruption" if cfg.family == "encoder_decoder" else "causal_lm"
-    if data.objective != wanted:
-        fail("data.objective", data.objective, f"does not fit model.family={cfg.family!r}",
-             f"use data.objective={wanted!r}")
+    _data_config().validate_family(data, cfg.family)
     if cfg.num_moe_layers:
         check_groups(cfg.moe.group_size, config.train.batch_size // config.train.accum_steps,
                      batch_lengths(cfg, data))
