@@ -415,9 +415,9 @@ CASES = [
          unknown_field("train", "num_train_step", 5),
          message=("train.num_train_step=5: is not a known field. Fix: use one of ['accum_steps', "
                   "'b1', 'b2', 'batch_size', 'checkpoint_every', 'end_learning_rate_factor', "
-                  "'eps', 'eval_every', 'eval_steps', 'grad_clip_norm', 'learning_rate', "
-                  "'log_every', 'max_to_keep', 'multiply_by_parameter_scale', 'num_train_steps', "
-                  "'optimizer', 'schedule', 'warmup_steps', 'weight_decay'].")),
+                  "'eps', 'eval_every', 'eval_steps', 'exact_match_examples', 'grad_clip_norm', "
+                  "'learning_rate', 'log_every', 'max_to_keep', 'multiply_by_parameter_scale', "
+                  "'num_train_steps', 'optimizer', 'schedule', 'warmup_steps', 'weight_decay'].")),
     Case("config", "`seed=-1`", validate(seed=-1),
          message='seed=-1: must be an integer >= 0. Fix: e.g. 0.'),
     Case("config", "`data.objective='causal_lm'` with an encoder-decoder",
@@ -561,8 +561,8 @@ CASES = [
                   'moe.capacity_factor_train: 1.25 -> 0.5. Fix: rerun with the values they were '
                   'written with, or use a new --workdir (a resumed run may change only '
                   'train.num_train_steps, train.log_every, train.eval_every, train.eval_steps, '
-                  'train.checkpoint_every, train.max_to_keep, mesh.*, data.data_dir, '
-                  'data.num_workers, moe.expert_kernel).')),
+                  'train.exact_match_examples, train.checkpoint_every, train.max_to_keep, '
+                  'mesh.*, data.data_dir, data.num_workers, moe.expert_kernel).')),
     Case("checkpoint", "`inspect --step 3` (no such checkpoint)",
          lambda c: _read_state(c, 3),
          message=('--step=3: no such checkpoint in {tmp}/runs/read_state/checkpoints. Fix: use '

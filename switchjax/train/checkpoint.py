@@ -51,7 +51,8 @@ ITEMS = ("state", "data", "config")
 # Fields a resumed run may change (how long, how often, on which devices, debugging);
 # any other change would silently mix two experiments in one run.
 RESUMABLE = ("train.num_train_steps", "train.log_every", "train.eval_every",
-             "train.eval_steps", "train.checkpoint_every", "train.max_to_keep",
+             "train.eval_steps", "train.exact_match_examples", "train.checkpoint_every",
+             "train.max_to_keep",
              "mesh.*", "data.data_dir", "data.num_workers", "moe.expert_kernel")
 
 

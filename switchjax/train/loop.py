@@ -45,6 +45,7 @@ from switchjax.data import source as source_lib
 from switchjax.fs import check_writable
 from switchjax.models import make_model
 from switchjax.train import checkpoint as checkpoint_lib
+from switchjax.train import exact_match as exact_match_lib
 from switchjax.train import metrics as metrics_lib
 from switchjax.train import stops
 from switchjax.train.optimizer import make_optimizer, make_schedule
@@ -142,7 +143,7 @@ class _Run:
         return _data().make_iterator(
             self.config.data, split, t.batch_size, process_index=jax.process_index(),
             process_count=jax.process_count(), seed=seed, repeat=True,
-            tokenizer=self.tokenizer)
+            tokenizer=self.tokenizer, family=self.cfg.family)
 
     def init_state(self):
         state, _ = create_train_state(self.model, self.tx, self.batch_shapes, self.mesh,
@@ -245,6 +246,7 @@ class _Training:
         self.rng = jax.random.fold_in(jax.random.key(run.config.seed), 1)  # init: key(seed)
         self.history, self.pending = [], []
         self.last_train, self.last_eval = {}, {}
+        self.exact_match = exact_match_lib.ExactMatch.for_run(run)  # None unless text_to_text
 
     def train(self, state, start_step: int):
         """Steps start_step + 1 .. num_train_steps; returns the final state."""
@@ -336,7 +338,8 @@ class _Training:
 
     def evaluate(self, state, step: int) -> dict:
         """Metrics over `train.eval_steps` batches of the eval split (always the same ones),
-        averaged by tokens; its time is left out of the throughput."""
+        averaged by tokens, and with data.objective='text_to_text' the `exact_match` of
+        greedy generations (exact_match.py); its time is left out of the throughput."""
         paused = time.perf_counter()
         run, cfg = self.run, self.run.cfg
         run.eval_iter.set_state(run.eval_start)
@@ -350,10 +353,14 @@ class _Training:
         result["task_loss_sem"] = _weighted_sem([r["task_loss"] for r in records], weights)
         if cfg.num_moe_layers:
             result["capacity_factor"] = cfg.moe.capacity_factor(train=False)
+        if self.exact_match is not None:
+            result["exact_match"] = self.exact_match(state.variables())
         self.writer.write(step, "eval", result)
         if run.is_chief:
             extra = (f" | dropped {100 * result['dropped_fraction']:.2f}%"
                      if "dropped_fraction" in result else "")
+            if "exact_match" in result:
+                extra += f" | exact match {result['exact_match']:.4f}"
             print(f"eval step {step}: loss {result['task_loss']:.4f} | accuracy "
                   f"{result['accuracy']:.4f}{extra}", flush=True)
         self.progress.exclude(time.perf_counter() - paused)

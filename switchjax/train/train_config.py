@@ -29,6 +29,7 @@ def get_train_config() -> ml_collections.ConfigDict:
         log_every=10,  # train metrics (averaged over the interval) every N steps
         eval_every=100,  # evaluation every N steps and at the end
         eval_steps=10,  # batches of data.eval_split per evaluation (always the same ones)
+        exact_match_examples=64,  # text_to_text: eval examples decoded per evaluation (0: off)
         checkpoint_every=100,  # checkpoint every N steps and at the end
         max_to_keep=3,  # checkpoints kept (the newest)
     ))
@@ -46,6 +47,9 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
         value = train[name]
         if not isinstance(value, int) or value < 1:
             _fail(name, value, "must be a positive integer", "set it >= 1")
+    if not isinstance(train.exact_match_examples, int) or train.exact_match_examples < 0:
+        _fail("exact_match_examples", train.exact_match_examples, "must be an integer >= 0",
+              "e.g. 64, or 0 to skip exact match")
     if train.batch_size % train.accum_steps:
         _fail("accum_steps", train.accum_steps,
               f"does not divide train.batch_size={train.batch_size}",
