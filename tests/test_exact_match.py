@@ -5,18 +5,16 @@ pairs tokenized directly (the run itself decodes on an 8-device mesh)."""
 import glob
 import json
 import os
-import sys
 import sysconfig
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _train_utils import records, tiny_config  # noqa: E402
-from switchjax.data import tokenizer as tokenizer_lib  # noqa: E402
-from switchjax.decoding import DecodeOptions, generate  # noqa: E402
-from switchjax.train import checkpoint, loop  # noqa: E402
-from switchjax.train.exact_match import matches, through_eos  # noqa: E402
+from _train_utils import records, tiny_config
+from switchjax.data import tokenizer as tokenizer_lib
+from switchjax.decoding import DecodeOptions, generate
+from switchjax.train import checkpoint, loop
+from switchjax.train.exact_match import eval_examples, matches, through_eos
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 EOS = 1
@@ -68,18 +66,37 @@ def text_to_text_config(task, family):
     return config
 
 
+def tokenized_eval_pairs(data, family):
+    """(prompt ids, answer ids) of every eval pair, tokenized and truncated here."""
+    tok = tokenizer_lib.Tokenizer.from_file(data.spm_path, data.num_extra_ids)
+    answer = data.targets_length - (data.inputs_length if family == "decoder_only" else 0)
+    return [(tok.encode(p["prompt"])[:data.inputs_length - 1] + [EOS],
+             tok.encode(p["answer"])[:answer - 1] + [EOS])
+            for p in map(json.loads, open(data.eval_files))]
+
+
+@pytest.mark.parametrize("family", ["encoder_decoder", "decoder_only"])
+def test_eval_examples_are_the_tokenized_pairs(family, task):
+    data = text_to_text_config(task, family).data
+    tok = tokenizer_lib.Tokenizer.from_file(data.spm_path, data.num_extra_ids)
+    prompts, targets = eval_examples(data, tok, family, 64)
+    assert prompts.shape == (12, data.inputs_length)
+    got = sorted((list(p[p > 0]), list(t)) for p, t in zip(prompts, targets))
+    assert got == sorted(tokenized_eval_pairs(data, family))
+    first, _ = eval_examples(data, tok, family, 5)
+    np.testing.assert_array_equal(first, prompts[:5])  # a fixed order: the first n
+
+
 def recomputed(config, workdir, family):
     """Exact match of the final params, decoded on one device from the pairs of the eval
     file tokenized here (all 12 are scored: exact_match_examples > 12)."""
     d = config.data
-    tok = tokenizer_lib.Tokenizer.from_file(d.spm_path, d.num_extra_ids)
-    pairs = [json.loads(line) for line in open(d.eval_files)]
+    pairs = tokenized_eval_pairs(d, family)
     prompts = np.zeros((len(pairs), d.inputs_length), np.int32)  # the run's prompt width
-    for row, p in enumerate(pairs):
-        ids = tok.encode(p["prompt"])[:d.inputs_length - 1] + [EOS]
+    for row, (ids, _) in enumerate(pairs):
         prompts[row, :len(ids)] = ids
+    targets = [answer for _, answer in pairs]
     answer = d.targets_length - (d.inputs_length if family == "decoder_only" else 0)
-    targets = [tok.encode(p["answer"])[:answer - 1] + [EOS] for p in pairs]
     state, _ = checkpoint.read_state(workdir)
     cfg = loop.validate_config(config)
     variables = {"params": state["params"], **state.get("model_state", {})}
