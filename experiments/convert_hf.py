@@ -5,8 +5,9 @@
 
 --model is a local directory (config.json + model.safetensors or
 pytorch_model.bin) or a hub name (downloaded, needs internet). Writes
-OUT/config.json and OUT/params; load with
-`switchjax.convert.hf_switch.load_converted(OUT)`.
+OUT/config.json, OUT/params and, if the source has one, OUT/spiece.model; load with
+`switchjax.convert.hf_switch.load_converted(OUT)`, or train from it with
+`--config.train.init_from=OUT` (docs/finetune.md).
 """
 import jax
 from absl import flags, logging

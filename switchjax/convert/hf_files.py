@@ -3,18 +3,21 @@
 `read_config(model)` reads only `config.json` of a local directory or a hub name (for
 which only that file is downloaded), so the converter checks it before any weight is
 read; `load_weights(model)` then reads `model.safetensors[.index.json]` or
-`pytorch_model.bin[.index.json]` (downloading them for a hub name) as float32 arrays.
+`pytorch_model.bin[.index.json]` (downloading them for a hub name) as float32 arrays;
+`find_spm(model)` finds its SentencePiece model `spiece.model`, if it has one.
 Every problem is a `ConversionError` naming --model, the file and the fix.
 """
 from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import numpy as np
 
 from switchjax.config import ConfigError, fail
 
+SPM_FILE = "spiece.model"  # a T5 / Switch repository's SentencePiece model
 CHECKPOINT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json")
 BIN_FILES = ("config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 
@@ -84,6 +87,14 @@ def _hub(name: str, *patterns: str) -> str:
         reject("--model", name, f"cannot download it ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200]})", "check the name and the network, or "
                 "pass a local directory")
+
+
+def find_spm(model: str) -> Optional[str]:
+    """The path of the SentencePiece model (`spiece.model`) of a local dir or hub name
+    (only that file is downloaded), or None if the checkpoint has none."""
+    directory = os.path.expanduser(model) if _is_local(model) else _hub(model, SPM_FILE)
+    path = os.path.join(directory, SPM_FILE)
+    return path if os.path.isfile(path) else None
 
 
 def _download(name: str) -> str:

@@ -5,8 +5,10 @@
 reads and checks `config.json` (the model type, every field the conversion needs),
 then the weights (`model.safetensors[.index.json]` or `pytorch_model.bin[.index.json]`)
 of a local directory, or downloads them for a hub name, and writes `OUT/config.json` (the `model` and `moe` fields of a
-switchjax config, for `ModelConfig.from_config`) and `OUT/params` (Orbax,
-`{'params': params}`). `load_converted(OUT)` returns `(ModelConfig, params)`.
+switchjax config, for `ModelConfig.from_config`), `OUT/params` (Orbax,
+`{'params': params}`) and, if the source has its SentencePiece model `spiece.model`, a
+copy of it (a run with `train.init_from=OUT` tokenizes with it).
+`load_converted(OUT)` returns `(ModelConfig, params)`.
 
 Every source tensor is mapped explicitly; a tensor left unused or a switchjax
 parameter left unset is an error naming it, and every shape is checked.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from typing import Optional
 
 import flax.linen as nn
@@ -44,8 +47,8 @@ import ml_collections
 import numpy as np
 
 from switchjax.config import ModelConfig, model_config_dict
-from switchjax.convert.hf_files import (REQUIRED_FIELDS, ConversionError, load_weights,
-                                        read_config, reject)
+from switchjax.convert.hf_files import (REQUIRED_FIELDS, SPM_FILE, ConversionError, find_spm,
+                                        load_weights, read_config, reject)
 from switchjax.fs import check_writable
 from switchjax.models import make_model
 
@@ -280,13 +283,17 @@ def convert(model: str, out_dir: str, *, dropped_token_output: str = "zeros",
     tensors = load_weights(model)
     params = convert_params(hf, tensors, cfg)
     source = {"model": model, "transformers_version": hf.get("transformers_version")}
-    save_converted(out_dir, config, params, source=source, overwrite=overwrite)
+    save_converted(out_dir, config, params, source=source, overwrite=overwrite,
+                   spm_path=find_spm(model))
     return cfg, params
 
 
 def save_converted(out_dir: str, config: ml_collections.ConfigDict, params: dict, *,
-                   source: Optional[dict] = None, overwrite: bool = False) -> None:
-    """Writes out_dir/config.json ({'model', 'moe', 'source'}) and out_dir/params (Orbax)."""
+                   source: Optional[dict] = None, overwrite: bool = False,
+                   spm_path: Optional[str] = None) -> None:
+    """Writes out_dir/config.json ({'model', 'moe', 'source'}), out_dir/params (Orbax) and
+    a copy of the SentencePiece model `spm_path` as out_dir/spiece.model (without one, an
+    older copy there is removed)."""
     import orbax.checkpoint as ocp
 
     out_dir = _check_out(out_dir, overwrite)
@@ -296,6 +303,11 @@ def save_converted(out_dir: str, config: ml_collections.ConfigDict, params: dict
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(out_dir, "params"), {"params": params}, force=overwrite)
     checkpointer.wait_until_finished()
+    spm = os.path.join(out_dir, SPM_FILE)
+    if spm_path:
+        shutil.copyfile(spm_path, spm)
+    elif os.path.exists(spm):
+        os.remove(spm)
 
 
 def _check_out(out_dir: str, overwrite: bool) -> str:
