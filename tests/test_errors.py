@@ -43,7 +43,7 @@ END = "<!-- end: table generated from tests/test_errors.py -->"
 
 @dataclasses.dataclass
 class Case:
-    kind: str  # config, mesh, data, tokenizer, checkpoint, conversion, command line
+    kind: str  # config, mesh, data, tokenizer, checkpoint, init_from, conversion, command line
     bad_input: str  # markdown
     run: Optional[Callable] = None  # (ctx) -> message (in-process rows)
     argv: tuple = ()  # command-line rows: python -m <argv...> (ctx fields formatted in)
@@ -307,6 +307,46 @@ def _read_state(ctx, step=None, name="read_state"):
     return _message(lambda: checkpoint.read_state(workdir, step))
 
 
+# ----------------------------------------------------------------------------- init_from
+
+
+def _converted(ctx, name: str, **model) -> str:
+    """A directory as experiments/convert_hf.py writes it: zero params of tiny_config with
+    `model` ('model.x' / 'moe.x' overrides) and a SentencePiece model of 400 pieces."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import numpy as np
+    from switchjax.config import ModelConfig
+    from switchjax.convert import hf_switch
+    from switchjax.models import make_model
+    out = ctx.path("converted", name)
+    if not os.path.exists(out):
+        config = tiny_config()
+        for key, value in model.items():
+            _set(config, key, value)
+        batch = {k: jnp.ones((1, 8), jnp.int32)
+                 for k in ("encoder_input_tokens", "decoder_input_tokens")}
+        shapes = jax.eval_shape(lambda: nn.meta.unbox(make_model(ModelConfig.from_config(
+            config)).init(jax.random.key(0), batch)["params"]))
+        params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+        hf_switch.save_converted(out, config, params, spm_path=_spm_model(
+            ctx, f"converted_spm/{name}.model", pad_id=0, eos_id=1, unk_id=2, bos_id=-1))
+    return out
+
+
+def init_from(name: str, checkpoint: Optional[dict] = None, everything=False, **fields):
+    """A row: `validate` with train.init_from = ctx.path(name) (with `checkpoint`, a
+    converted directory of tiny_config with those overrides; else made empty)."""
+    def run(ctx):
+        if checkpoint is not None:
+            path = _converted(ctx, name, **checkpoint)
+        else:
+            path = ctx.path(name)
+            os.makedirs(os.path.join(path, "checkpoints", "3"), exist_ok=True)
+        return validate(everything, **{"train.init_from": path, **fields})(ctx)
+    return run
+
+
 # ----------------------------------------------------------------------------- conversion
 
 SWITCH_CONFIG = dict(model_type="switch_transformers", vocab_size=96, d_model=32, d_kv=8,
@@ -416,8 +456,9 @@ CASES = [
          message=("train.num_train_step=5: is not a known field. Fix: use one of ['accum_steps', "
                   "'b1', 'b2', 'batch_size', 'checkpoint_every', 'end_learning_rate_factor', "
                   "'eps', 'eval_every', 'eval_steps', 'exact_match_examples', 'grad_clip_norm', "
-                  "'learning_rate', 'log_every', 'max_to_keep', 'multiply_by_parameter_scale', "
-                  "'num_train_steps', 'optimizer', 'schedule', 'warmup_steps', 'weight_decay'].")),
+                  "'init_config', 'init_from', 'learning_rate', 'log_every', 'max_to_keep', "
+                  "'multiply_by_parameter_scale', 'num_train_steps', 'optimizer', 'schedule', "
+                  "'upcycle', 'warmup_steps', 'weight_decay'].")),
     Case("config", "`seed=-1`", validate(seed=-1),
          message='seed=-1: must be an integer >= 0. Fix: e.g. 0.'),
     Case("config", "`data.objective='causal_lm'` with an encoder-decoder",
@@ -571,6 +612,52 @@ CASES = [
          message=("--workdir='{tmp}/no_checkpoints': {tmp}/no_checkpoints/checkpoints holds no "
                   'checkpoint. Fix: use the workdir of a run that saved one '
                   '(train.checkpoint_every, or the end).')),
+    # Starting from a checkpoint (train.init_from).
+    Case("init_from", "`train.init_from` that does not exist",
+         validate(**{"train.init_from": "{tmp}/nowhere"}),
+         message=("train.init_from='{tmp}/nowhere': does not exist. Fix: give a directory "
+                  "written by experiments/convert_hf.py, a run's workdir, or "
+                  "WORKDIR/checkpoints/STEP.")),
+    Case("init_from", "`train.init_from` a directory without a checkpoint",
+         validate(**{"train.init_from": "{tmp}"}),
+         message=("train.init_from='{tmp}': holds no checkpoint (neither config.json and "
+                  "params/ of experiments/convert_hf.py nor the checkpoints/ of a run). Fix: "
+                  "give a directory written by experiments/convert_hf.py, a run's workdir, or "
+                  "WORKDIR/checkpoints/STEP.")),
+    Case("init_from", "`train.init_from` a run whose only checkpoint is incomplete",
+         init_from("incomplete"),
+         message=("train.init_from='{tmp}/incomplete': holds no complete checkpoint "
+                  "({tmp}/incomplete/checkpoints has steps [3], all incomplete). Fix: use the "
+                  "workdir of a run that saved a checkpoint (train.checkpoint_every, or the "
+                  "end), or a directory written by experiments/convert_hf.py.")),
+    Case("init_from", "`train.init_from` a checkpoint of another architecture",
+         init_from("other", {"model.d_model": 48, "model.vocab_size": 600}),
+         message=("train.init_from='{tmp}/converted/other': holds a model of another "
+                  "architecture: model.d_model: 48 in the checkpoint, 32 in the config; "
+                  "model.vocab_size: 600 in the checkpoint, 544 in the config. Fix: set these "
+                  "fields to the checkpoint's values, or train.init_config='checkpoint' to "
+                  "take them from it.")),
+    Case("init_from", "`train.upcycle=True` from a sparse checkpoint",
+         init_from("sparse", {}, **{"train.upcycle": True}),
+         message=("train.init_from='{tmp}/converted/sparse': holds a sparse model (sparse FFNs "
+                  "at encoder layer 1, decoder layer 1); upcycling copies dense FFNs into "
+                  "experts. Fix: init from a dense checkpoint, or set train.upcycle=False to "
+                  "continue the sparse model as it is.")),
+    Case("init_from", "`train.upcycle=True` into a model without sparse layers",
+         init_from("dense", {"model.encoder_moe_layers": "none",
+                             "model.decoder_moe_layers": "none"},
+                   **{"train.upcycle": True, "model.encoder_moe_layers": "none",
+                      "model.decoder_moe_layers": "none"}),
+         message=("train.upcycle=True: the configured model has no sparse layer to upcycle "
+                  "into. Fix: set model.encoder_moe_layers / model.decoder_moe_layers (e.g. "
+                  "'every_other'), or train.upcycle=False.")),
+    Case("init_from", "`train.init_from` a checkpoint of 300 ids whose tokenizer has 420",
+         init_from("small_vocab", {"model.vocab_size": 300}, everything=True,
+                   **{"train.init_config": "checkpoint"}),
+         message=("model.vocab_size=300: is smaller than the tokenizer's 420 ids (400 "
+                  "SentencePiece pieces + data.num_extra_ids=20). Fix: use a tokenizer of at "
+                  "most 300 ids (data.spm_path, data.num_extra_ids): the checkpoint of "
+                  "train.init_from fixes the vocabulary.")),
     # Conversion.
     Case("conversion", "`--model` directory that does not exist", convert("missing"),
          message=("--model='{tmp}/hf/missing': no such directory. Fix: pass the directory "

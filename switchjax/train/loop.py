@@ -3,8 +3,9 @@
 Everything that can be checked is checked before anything compiles
 (validate.py): the run directory is writable, model/moe (`ModelConfig.from_config`),
 train, mesh and data fields (the data_dir, the files, the SentencePiece model
-included), objective vs model family, mesh vs devices/model/batch, group sizes, and
-the tokenizer's vocabulary vs `model.vocab_size`.
+included), objective vs model family, mesh vs devices/model/batch, group sizes, the
+checkpoint of `train.init_from` vs the model (init_from.py), and the tokenizer's
+vocabulary vs `model.vocab_size`.
 
 Step numbers count completed optimizer steps: step s is the s-th update, and
 the state saved as checkpoint s has `state.step == s`. Every step's metrics
@@ -46,6 +47,7 @@ from switchjax.fs import check_writable
 from switchjax.models import make_model
 from switchjax.train import checkpoint as checkpoint_lib
 from switchjax.train import exact_match as exact_match_lib
+from switchjax.train import init_from
 from switchjax.train import metrics as metrics_lib
 from switchjax.train import stops
 from switchjax.train.optimizer import make_optimizer, make_schedule
@@ -114,12 +116,16 @@ class _Run:
         self.rules = sharding_lib.logical_rules(config.mesh)
         validate_devices(self.cfg, config, self.mesh, self.rules)
         data = config.data
+        self.source = (init_from.find_source(config.train.init_from)
+                       if config.train.init_from else None)
         self.tokenizer = _data().make_tokenizer(data)
         if self.cfg.vocab_size < self.tokenizer.vocab_size:
             fail("model.vocab_size", self.cfg.vocab_size, f"is smaller than the tokenizer's "
                  f"{self.tokenizer.vocab_size} ids ({self.tokenizer.spm_size} SentencePiece "
                  f"pieces + data.num_extra_ids={data.num_extra_ids})",
-                 f"set model.vocab_size >= {self.tokenizer.vocab_size}")
+                 f"set model.vocab_size >= {self.tokenizer.vocab_size}" if self.source is None
+                 else f"use a tokenizer of at most {self.cfg.vocab_size} ids (data.spm_path, "
+                 f"data.num_extra_ids): the checkpoint of train.init_from fixes the vocabulary")
         self.is_chief = jax.process_index() == 0
         self.inputs_length = data.inputs_length if self.cfg.family == "encoder_decoder" else 0
 
@@ -146,6 +152,11 @@ class _Run:
             tokenizer=self.tokenizer, family=self.cfg.family)
 
     def init_state(self):
+        """Step 0: the random init, or the checkpoint of `train.init_from` (init_from.py)."""
+        if self.source is not None:
+            return init_from.init_state(self.source, self.model, self.tx, self.batch_shapes,
+                                        self.mesh, self.rules, self.config.seed, self.abstract,
+                                        self.shardings, self.config.train.upcycle)
         state, _ = create_train_state(self.model, self.tx, self.batch_shapes, self.mesh,
                                       self.rules, self.config.seed)
         return state

@@ -11,6 +11,8 @@ import ml_collections
 from switchjax.config import check_types, fail
 from switchjax.train.optimizer import OPTIMIZERS, SCHEDULES
 
+INIT_CONFIGS = ("check", "checkpoint")
+
 
 def get_train_config() -> ml_collections.ConfigDict:
     """Defaults for `config.train` (paper-style Adafactor + rsqrt; CPU configs override)."""
@@ -32,6 +34,18 @@ def get_train_config() -> ml_collections.ConfigDict:
         exact_match_examples=64,  # text_to_text: eval examples decoded per evaluation (0: off)
         checkpoint_every=100,  # checkpoint every N steps and at the end
         max_to_keep=3,  # checkpoints kept (the newest)
+        # Start from a checkpoint instead of a random init (docs/finetune.md): '' = from
+        # scratch; a directory written by experiments/convert_hf.py, a run's workdir (its
+        # newest complete checkpoint) or one step of it (WORKDIR/checkpoints/STEP). Only the
+        # params (and the model state, e.g. selection biases) are taken: step 0, a fresh
+        # optimizer state and data iterator. A rerun resumes from its own checkpoints.
+        init_from="",
+        # 'check': the model/moe fields that define the parameters must equal the
+        # checkpoint's (else an error lists them); 'checkpoint': they are taken from it.
+        init_config="check",
+        # Sparse upcycling: init_from holds a dense model; every expert of each sparse layer
+        # starts as a copy of the dense FFN at its position, routers from the run's own init.
+        upcycle=False,
     ))
 
 
@@ -68,6 +82,18 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
     if train.grad_clip_norm < 0:
         _fail("grad_clip_norm", train.grad_clip_norm, "must be >= 0", "use 0 (off) or e.g. 1.0")
     _validate_adamw(train)
+    validate_init_fields(train)
+
+
+def validate_init_fields(train: ml_collections.ConfigDict) -> None:
+    """init_from, init_config and upcycle (read before the model config is built)."""
+    check_types("train", train, get_train_config())
+    if train.init_config not in INIT_CONFIGS:
+        _fail("init_config", train.init_config, "unknown value",
+              f"use one of {INIT_CONFIGS}")
+    if train.upcycle and not train.init_from:
+        _fail("upcycle", train.upcycle, "there is no train.init_from to upcycle",
+              "set train.init_from to a dense checkpoint, or train.upcycle=False")
 
 
 def _validate_adamw(train: ml_collections.ConfigDict) -> None:

@@ -9,19 +9,25 @@ import ml_collections
 
 from switchjax import sharding as sharding_lib
 from switchjax.config import ModelConfig, check_groups, fail
+from switchjax.train import init_from
 from switchjax.train.train_config import validate_train_config
 
 SECTIONS = ("model", "moe", "data", "train", "mesh", "seed")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """Checks model, moe, train and data sections (no devices, no compiling)."""
+    """Checks model, moe, train and data sections (no devices, no compiling); with
+    `train.init_from`, first takes what the config leaves to the checkpoint (in place,
+    `init_from.resolve_config`), then checks that the checkpoint fits the model."""
     missing = [s for s in SECTIONS if s not in config]
     unknown = sorted(set(config.keys()) - set(SECTIONS))
     if missing or unknown:
         fail("config sections", sorted(config.keys()), f"missing {missing}, unknown {unknown}",
              f"a config has exactly {SECTIONS}")
+    source = init_from.resolve_config(config)
     cfg = ModelConfig.from_config(config)
+    if source is not None:
+        init_from.check_source(source, cfg, config.train.upcycle)
     validate_train_config(config.train)
     sharding_lib.validate_mesh_config(config.mesh)
     data = config.data
