@@ -214,6 +214,32 @@ def test_tokenizer_larger_than_the_checkpoint_vocabulary_is_an_error(tmp_path, s
         loop.validate_run(tiny_config(init_from=out, init_config="checkpoint"))
 
 
+def test_a_source_run_passes_on_the_tokenizer_it_trained(source_run, tmp_path):
+    """A run with data.spm_path='' trained and cached its tokenizer: a fine-tuning run on
+    other data (JSONL pairs, whose own tokenizer would differ) reads its text with it."""
+    from experiments.make_task import write_task
+    from switchjax.data import get_data_config
+    from switchjax.data.config import spm_cache_path
+    saved = checkpoint.config_json(tiny_config(**TWO_CHECKPOINTS))["data"]
+    assert saved["spm_path"] == ""
+    data = get_data_config()
+    data.update(saved)
+    cached = spm_cache_path(data)
+    assert os.path.isfile(cached)
+    paths = write_task("reverse", str(tmp_path / "task"), 20, 4)
+    config = tiny_config(init_from=source_run)
+    d = config.data
+    d.name, d.objective, d.files = "jsonl", "text_to_text", ()
+    d.train_files, d.eval_files = paths["train"], paths["validation"]
+    validate_config(config)
+    assert config.data.spm_path == cached
+    os.rename(cached, cached + ".moved")  # gone: nothing is passed on
+    try:
+        assert init_from.find_source(source_run).spm_path == ""
+    finally:
+        os.rename(cached + ".moved", cached)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

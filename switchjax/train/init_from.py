@@ -104,7 +104,24 @@ def _model_config(raw: dict, where: str) -> ModelConfig:
 def _run_source(path: str, step_dir: str, step: int) -> Source:
     saved = _read_json(os.path.join(step_dir, "config", "metadata"), path)
     return Source(path, "run", os.path.join(step_dir, "state"), step,
-                  _model_config(saved, path), saved.get("data", {}).get("spm_path", ""))
+                  _model_config(saved, path), _run_spm(saved.get("data", {})))
+
+
+def _run_spm(saved_data: dict) -> str:
+    """The SentencePiece model a run used: its data.spm_path, else the model it trained
+    and cached in its data_dir (if that file is still there), else ''."""
+    if saved_data.get("spm_path"):
+        return saved_data["spm_path"]
+    from switchjax.data import get_data_config
+    from switchjax.data.config import spm_cache_path
+    data = get_data_config()
+    with data.ignore_type():
+        data.update({k: v for k, v in saved_data.items() if k in data})
+    try:
+        cached = spm_cache_path(data)
+    except ConfigError:  # e.g. its train files are gone
+        return ""
+    return cached if os.path.isfile(cached) else ""
 
 
 def find_source(path: str) -> Source:
