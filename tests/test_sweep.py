@@ -13,7 +13,7 @@ import numpy as np
 
 from _train_utils import REPO, cli_args, env, tiny_config
 from switchjax.config import ConfigError
-from switchjax.train import loop, report, sweep
+from switchjax.train import curves, loop, report, sweep
 
 
 def _sweep_cli(workdir, *extra):
@@ -139,9 +139,15 @@ def test_report_mean_and_std_over_seeds(tmp_path):
     summary = report.summarize(report.results_rows(runs))
     assert [(s["variant"], s["seeds"], s["runs"]) for s in summary] == [("a=1", 2, 2),
                                                                         ("a=2", 0, 1)]
+    # Paired differences: variant b's seeds against a=1's same seeds (seed 2 unpaired).
+    rows = [{"variant": v, "seed": seed, "status": "done", "eval_loss": loss}
+            for v, seed, loss in (("a", 0, 4.0), ("a", 1, 4.4), ("b", 0, 3.9), ("b", 1, 4.1),
+                                  ("b", 2, 1.0))]
+    assert report.paired_delta(rows, "b", "a") == pytest.approx((-0.2, 0.1 * 2 ** 0.5))
+    assert np.isnan(report.paired_delta(rows, "a", "a")[0])
     mean, sd = summary[0]["eval_loss"]
     assert mean == pytest.approx(4.2) and sd == pytest.approx(0.2 * 2 ** 0.5)
-    steps, losses, secs = report.eval_curves(runs)["a=1"]
+    steps, losses, secs = curves.eval_curves(runs)["a=1"]
     np.testing.assert_array_equal(steps, [0, 5, 10])
     np.testing.assert_allclose(losses, [[6.0, 5.0, 4.0], [6.0, 5.2, 4.4]])
     np.testing.assert_allclose(secs, [[0, 2.5, 5.0], [0, 5.0, 10.0]])
@@ -149,11 +155,11 @@ def test_report_mean_and_std_over_seeds(tmp_path):
     assert all(os.path.exists(p) for p in paths)
     rows = report.read_rows(os.path.join(tmp_path, "results.csv"))
     assert report.summarize(rows)[0]["eval_loss"] == pytest.approx((mean, sd))
-    back = report.read_curves(os.path.join(tmp_path, "curves.json"))["a=1"]
-    for a, b in zip(back, report.eval_curves(runs)["a=1"]):
+    back = curves.read_curves(os.path.join(tmp_path, "curves.json"))["a=1"]
+    for a, b in zip(back, curves.eval_curves(runs)["a=1"]):
         np.testing.assert_allclose(a, b)
     md = open(paths[1]).read()
-    assert "| a=1 | 2 | 10 | 4.2000 ± 0.2828 |" in md
+    assert "| a=1 | 2 | 10 | 4.2000 ± 0.2828 | – |" in md
     assert "| a=2 | 0 of 1 |" in md and "failed: Non-finite task_loss at step 3" in md
     assert "- commit: `y`" in md and "at most 0.0010" in md
 
@@ -184,12 +190,12 @@ def test_step_speedup():
     """Dense reaches 4.0 at its last step (10); the sparse mean curve crosses 4.0 a quarter
     of the way from step 4 (4.2) to step 6 (3.4): at 4.5, i.e. 0.45 of the dense steps."""
     steps = np.array([0, 2, 4, 6, 8, 10])
-    curves = {"dense": (steps, np.array([[6, 5.5, 5, 4.6, 4.3, 4.0]] * 2, float), None),
+    runs = {"dense": (steps, np.array([[6, 5.5, 5, 4.6, 4.3, 4.0]] * 2, float), None),
               "sparse": (steps, np.array([[6, 5, 4.1, 3.3, 3, 2.9], [6, 5, 4.3, 3.5, 3, 2.9]],
                                          float), None)}
-    got = report.step_speedup(curves, "sparse", "dense")
+    got = curves.step_speedup(runs, "sparse", "dense")
     assert got["target_loss"] == 4.0
     assert got["steps_fraction"] == pytest.approx(0.45) and got["speedup"] == pytest.approx(1 / 0.45)
-    never = report.step_speedup({**curves, "sparse": curves["dense"][:1] + (
+    never = curves.step_speedup({**runs, "sparse": runs["dense"][:1] + (
         np.full((2, 6), 5.0), None)}, "sparse", "dense")
     assert never["steps_fraction"] is None and never["speedup"] is None

@@ -1,4 +1,4 @@
-"""Tables and plots of finished runs, read back from their workdirs (sweeps, notebooks).
+"""Tables of finished runs (and, through curves.py, their plots), read back from their workdirs (sweeps, notebooks).
 
 A run directory holds `final_metrics.json` (see `loop.train_and_evaluate`),
 `metrics.jsonl` and, in a sweep, `overrides.json`. A run that stopped on a
@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from switchjax.train import curves
 from switchjax.train.metrics import JSONL, read_jsonl
 
 FAILED = "FAILED"
@@ -128,8 +129,19 @@ def summarize(rows: list[dict]) -> list[dict]:
                  "eval_loss_sem": mean_std([r["eval_loss_sem"] for r in done])[0]}
         for key, _ in SUMMARY:
             entry[key] = mean_std([r.get(key, np.nan) for r in done])
+        entry["eval_loss_delta"] = paired_delta(rows, variant, rows[0]["variant"])
         summary.append(entry)
     return summary
+
+
+def paired_delta(rows: list[dict], variant: str, base: str) -> tuple[float, float]:
+    """(mean, σ) over the seeds both finished of eval loss(variant) - eval loss(base): the
+    same seed sees the same data, so this spread is the one a difference must exceed."""
+    def losses(name):
+        return {r["seed"]: r["eval_loss"] for r in rows
+                if r["variant"] == name and r["status"] == "done"}
+    a, b = losses(variant), losses(base)
+    return mean_std([a[s] - b[s] for s in a if s in b] if variant != base else [])
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -171,6 +183,8 @@ def _fmt_pm(mean_sd: tuple[float, float], key: str) -> str:
     mean, sd = mean_sd
     if not np.isfinite(mean):
         return "–"
+    if key == "delta":
+        return f"{mean:+.4f}" + (f" ± {sd:.4f}" if np.isfinite(sd) else "")
     digits = 4 if key in ("eval_loss", "train_loss", "eval_accuracy") else 3
     if key.endswith("dropped_fraction"):
         mean, sd, digits = 100 * mean, 100 * sd, 2
@@ -182,12 +196,14 @@ def _fmt_pm(mean_sd: tuple[float, float], key: str) -> str:
 
 def summary_markdown(summary: list[dict]) -> list[str]:
     """The mean ± σ table (dropped fractions in %)."""
-    header = ["variant", "seeds", "params"] + [h for _, h in SUMMARY]
+    header = ["variant", "seeds", "params", "eval loss", "Δ eval loss (same seed)"] + [
+        h for _, h in SUMMARY[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summary:
         seeds = f"{s['seeds']}" + (f" of {s['runs']}" if s["runs"] != s["seeds"] else "")
-        cells = [_fmt(s["variant"]), seeds, _fmt(s["params_total"])]
-        cells += [_fmt_pm(s[key], key) for key, _ in SUMMARY]
+        cells = [_fmt(s["variant"]), seeds, _fmt(s["params_total"]),
+                 _fmt_pm(s["eval_loss"], "eval_loss"), _fmt_pm(s["eval_loss_delta"], "delta")]
+        cells += [_fmt_pm(s[key], key) for key, _ in SUMMARY[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -203,7 +219,8 @@ def write_markdown(rows: list[dict], path: str, title: str = "",
     sems = [s["eval_loss_sem"] for s in summary if np.isfinite(s["eval_loss_sem"])]
     sds = [s["eval_loss"][1] for s in summary if np.isfinite(s["eval_loss"][1])]
     if sems:
-        lines += [f"Mean ± sample σ over seeds. Eval sampling error of one run's eval loss "
+        lines += [f"Mean ± sample σ over seeds; Δ: eval loss minus the first variant's at "
+                  f"the same seed, mean ± σ over the seeds both finished. Eval sampling error of one run's eval loss "
                   f"(standard error over its eval batches): at most {max(sems):.4f}"
                   + (f"; seed σ of the eval loss: {min(sds):.4f} to {max(sds):.4f}." if sds
                      else "."), ""]
@@ -215,149 +232,6 @@ def write_markdown(rows: list[dict], path: str, title: str = "",
         lines.append("| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-
-
-def train_seconds(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(logged steps, training seconds at them) from the train records' throughput:
-    compilation in the first interval, evaluations left out."""
-    train = [(r["step"], r["steps_per_sec"]) for r in records
-             if r["split"] == "train" and r.get("steps_per_sec")]
-    steps = np.array([0] + [s for s, _ in train], float)
-    seconds = np.concatenate([[0.0], np.cumsum(np.diff(steps) / [v for _, v in train])]) \
-        if train else np.zeros(1)
-    return steps, seconds
-
-
-def eval_curves(runs: list[dict]) -> dict:
-    """{variant: (steps [N], losses [seeds, N], train seconds [seeds, N])} over the eval
-    steps every finished seed of the variant has."""
-    by_variant = {}
-    for run in runs:
-        evals = {r["step"]: r["task_loss"] for r in run["records"] if r["split"] == "eval"}
-        if evals:
-            by_variant.setdefault(run["variant"], []).append((evals, train_seconds(run["records"])))
-    curves = {}
-    for variant, seeds in by_variant.items():
-        steps = sorted(set.intersection(*(set(e) for e, _ in seeds)))
-        losses = np.array([[e[s] for s in steps] for e, _ in seeds])
-        secs = np.array([np.interp(steps, *t) for _, t in seeds])
-        curves[variant] = (np.array(steps), losses, secs)
-    return curves
-
-
-def first_reach(xs, losses, target: float) -> Optional[float]:
-    """The first x (linearly interpolated between evaluations) at which `losses` is at or
-    below `target`, or None if it never is."""
-    for i in range(len(xs)):
-        if losses[i] <= target:
-            if i == 0:
-                return float(xs[0])
-            frac = (losses[i - 1] - target) / (losses[i - 1] - losses[i])
-            return float(xs[i - 1] + frac * (xs[i] - xs[i - 1]))
-    return None
-
-
-def step_speedup(curves: dict, sparse: str, dense: str) -> dict:
-    """The paper's step-basis speedup from `eval_curves` output: the steps the dense model
-    (mean over seeds) took to its final eval loss, over the steps the sparse model's mean
-    curve takes to reach it. {'steps_fraction' (sparse steps / dense steps), 'speedup'}, both
-    None if the sparse model never reaches it."""
-    d_steps, d_losses, _ = curves[dense]
-    s_steps, s_losses, _ = curves[sparse]
-    target = float(d_losses.mean(0)[-1])
-    reach = first_reach(s_steps, s_losses.mean(0), target)
-    fraction = None if reach is None else reach / float(d_steps[-1])
-    return {"target_loss": target, "sparse_step": reach, "steps_fraction": fraction,
-            "speedup": None if not fraction else 1.0 / fraction}
-
-
-def write_curves(runs: list[dict], path: str) -> None:
-    """`eval_curves` as JSON: {variant: {'steps', 'eval_loss' [seeds][N],
-    'train_seconds' [seeds][N]}} (what the notebooks plot from committed results)."""
-    out = {v: {"steps": steps.tolist(), "eval_loss": losses.tolist(),
-               "train_seconds": secs.tolist()}
-           for v, (steps, losses, secs) in eval_curves(runs).items()}
-    with open(path, "w") as f:
-        json.dump(out, f)
-
-
-def read_curves(path: str) -> dict:
-    """The `eval_curves` dict back from `write_curves`' JSON."""
-    with open(path) as f:
-        raw = json.load(f)
-    return {v: (np.asarray(c["steps"]), np.asarray(c["eval_loss"]),
-                np.asarray(c["train_seconds"])) for v, c in raw.items()}
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_eval_loss(runs: list[dict], path: str, against: str = "step") -> None:
-    """Eval loss vs `against` ('step' or 'time': training seconds), one line per variant:
-    the mean over its seeds with a ±1σ band. The y axis starts at the second evaluation
-    (the first, at step 0, is the untrained model's loss)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    top = []
-    for variant, (steps, losses, secs) in eval_curves(runs).items():
-        x = steps if against == "step" else secs.mean(0)
-        mean = losses.mean(0)
-        n = len(losses)
-        line, = ax.plot(x, mean, marker="o", ms=3, label=f"{variant} (n={n})")
-        if n > 1:
-            sd = losses.std(0, ddof=1)
-            ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
-        top.append(mean[min(1, len(mean) - 1)])
-    if top:
-        ax.set_ylim(None, max(top) + 0.02 * abs(max(top)))
-    ax.set_xlabel("step" if against == "step" else "training seconds (this machine)")
-    ax.set_ylabel("eval loss (token cross-entropy)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_expert_load(runs: list[dict], path: str) -> None:
-    """Per-expert share of the tokens over training (train split), one panel per variant
-    (its first seed).
-
-    Each panel shows every expert of every MoE layer (layer = colour family);
-    a balanced layer keeps all its experts near 1/E. Dense runs get an empty panel.
-    """
-    plt = _pyplot()
-    firsts = list({run["variant"]: run for run in reversed(runs)}.values())[::-1]
-    n = max(len(firsts), 1)
-    cols = min(n, 3)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.3 * rows), squeeze=False)
-    for ax, run in zip(axes.flat, firsts):
-        train = [r for r in run["records"] if r["split"] == "train" and "expert_load" in r]
-        ax.set_title(run["name"], fontsize=8)
-        ax.set_xlabel("step")
-        ax.set_ylabel("share of tokens")
-        if not train:
-            ax.text(0.5, 0.5, "no MoE layers", ha="center", va="center", transform=ax.transAxes)
-            continue
-        steps = [r["step"] for r in train]
-        load = np.asarray([r["expert_load"] for r in train])  # [T, layers, E]
-        cmap = plt.get_cmap("tab10")
-        for layer in range(load.shape[1]):
-            for e in range(load.shape[2]):
-                ax.plot(steps, load[:, layer, e], color=cmap(layer % 10), alpha=0.6, lw=0.8,
-                        label=f"layer {layer}" if e == 0 else None)
-        ax.axhline(1.0 / load.shape[2], color="black", ls="--", lw=0.8)
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(firsts):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def provenance(command: Optional[str] = None) -> dict:
@@ -397,10 +271,10 @@ def write_report(runs: list[dict], directory: str, title: str = "",
     paths = [os.path.join(directory, n) for n in names]
     write_csv(rows, paths[0])
     write_markdown(rows, paths[1], title, provenance)
-    write_curves(runs, paths[2])
-    plot_eval_loss(runs, paths[3], "step")
-    plot_eval_loss(runs, paths[4], "time")
-    plot_expert_load(runs, paths[5])
+    curves.write_curves(runs, paths[2])
+    curves.plot_eval_loss(runs, paths[3], "step")
+    curves.plot_eval_loss(runs, paths[4], "time")
+    curves.plot_expert_load(runs, paths[5])
     if provenance:
         paths.append(os.path.join(directory, "provenance.json"))
         with open(paths[-1], "w") as f:
