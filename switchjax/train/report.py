@@ -220,10 +220,14 @@ def write_markdown(rows: list[dict], path: str, title: str = "",
     sds = [s["eval_loss"][1] for s in summary if np.isfinite(s["eval_loss"][1])]
     if sems:
         lines += [f"Mean ± sample σ over seeds; Δ: eval loss minus the first variant's at "
-                  f"the same seed, mean ± σ over the seeds both finished. Eval sampling error of one run's eval loss "
-                  f"(standard error over its eval batches): at most {max(sems):.4f}"
-                  + (f"; seed σ of the eval loss: {min(sds):.4f} to {max(sds):.4f}." if sds
-                     else "."), ""]
+                  f"the same seed, mean ± σ over the seeds both finished. Eval sampling "
+                  f"error of one run's eval loss (standard error over its eval batches): at "
+                  f"most {max(sems):.4f}"
+                  + (f"; seed σ of the eval loss: {min(sds):.4f} to {max(sds):.4f}" if sds
+                     else "")
+                  + ". Every run is scored on the same eval batches, so most of that error "
+                  "is shared by the variants; the spread of Δ is what a difference must "
+                  "exceed.", ""]
     header = ("variant", "seed", "status", "params total", "params active", "FLOPs/token",
               "train loss", "eval loss", "eval loss s.e.", "eval acc", "dropped (train)",
               "dropped (eval)", "load max/mean (eval)", "tokens/s", "wall s")
