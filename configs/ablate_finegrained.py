@@ -17,7 +17,11 @@ Runtime: 4 variants x 2 seeds x ~2-3 min on a quiet 2-core CPU (600 steps each),
 on a busy one; `:smoke` runs 30 tiny steps per run (the variants keep their own expert
 counts and widths on the tiny base).
 
-Not measured yet: no results/ablate_finegrained/ is committed.
+Measured (2 seeds, results/ablate_finegrained/): paired differences to the base (same
+seed, mean ± σ): fine-grained 32 x 128 top-4 -0.0199 ± 0.0012, fine-grained + shared
+(DeepSeekMoE) -0.0403 ± 0.0070, both better at each seed and dropping almost nothing
+(0.05% and 0.27% of train choices, against 12.4%); pyramid 4 / 12 experts +0.0018 ±
+0.0103, within the paired spread.
 """
 from configs import common, cpu_base
 
