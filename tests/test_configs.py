@@ -37,7 +37,19 @@ def _config(module, arg):
 
 def test_every_config_file_is_covered():
     files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))}
-    assert files - {"__init__", "common", "repro_base"} == set(ARGS)
+    assert files - {"__init__", "common", "repro_base"} == set(ARGS) | {"finetune"}
+
+
+@pytest.mark.parametrize("arg", ["", "smoke", "label"])
+def test_finetune_config_validates_on_a_task_built_here(arg, tmp_path):
+    from experiments.make_task import write_task
+    task = str(tmp_path / "task")
+    write_task("sorted" if arg == "label" else "reverse", task, 50, 10)
+    config = _config("finetune", f"task={task}" + (f",{arg}" if arg else ""))
+    config.data.data_dir = str(tmp_path / "data")
+    loop.validate_config(config)
+    assert config.train.schedule == "constant" and config.moe.expert_dropout == 0.4
+    assert (config.data.label_names == ("no", "yes")) == (arg == "label")
 
 
 @pytest.mark.parametrize("module,arg", CASES, ids=[f"{m}:{a}" for m, a in CASES])
