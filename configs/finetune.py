@@ -18,7 +18,10 @@ Arguments: `init_from=PATH` ('' trains from scratch), `task=DIR` (default
 the words ('no', 'yes') (experiments/make_task.py --task sorted), `smoke`: tiny model,
 a few steps (tests).
 
-Runtime and result on the 2-core CPU: see results/finetune/README.md.
+Runtime and result on the 2-core CPU (results/finetune/README.md, seeds 0 and 1): ~2 min
+per run; on `reverse` after 600 steps, eval loss 3.600 ± 0.023 from the pretrained
+Switch run against 4.416 ± 0.032 from scratch (same tokenizer), token accuracy 0.274 vs
+0.163; exact match 0 for both (whole reversed lists are not learned in 600 steps).
 """
 from configs import common, cpu_base
 
