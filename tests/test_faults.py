@@ -10,7 +10,7 @@ only the newest kept) and compares the resumed run with an uninterrupted one
     after the write, one step past it (it replaces a kill between steps);
   SIGTERM (a preemption notice) in the middle of a run: a checkpoint, exit status 143;
   a full disk during a checkpoint write: a writer that raises ENOSPC part way, and (where
-    a tmpfs can be mounted) a filesystem too small for the second checkpoint;
+    a tmpfs can be mounted) a filesystem shrunk to what the first checkpoint uses;
   a data file overwritten under the iterator: DataError naming the file, a checkpoint;
   the storage refusing to read the newest checkpoint: the run stops, nothing is moved.
 
@@ -124,18 +124,36 @@ def _inject_enospc(monkeypatch, workdir: str):
     monkeypatch.setattr(builtins, "open", full_open)
 
 
-def _one_and_a_half_checkpoints_kib(run_dir: str) -> int:
-    """1.5x the pages (4 KiB each, as tmpfs counts them) of `run_dir`'s one checkpoint: a
-    filesystem of that size holds one checkpoint of the run, not two."""
-    pages = sum(-(-os.path.getsize(os.path.join(d, f)) // 4096)
-                for d, _, files in os.walk(os.path.join(run_dir, "checkpoints")) for f in files)
-    return int(1.5 * pages * 4)
-
-
 def _small_filesystem(path: str, size: str) -> bool:
     os.makedirs(path, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "switchjax_test", path],
                           capture_output=True).returncode == 0
+
+
+def _fill_up_before_step_4(monkeypatch, mounted: str):
+    """Before step KILL_STEP runs, once step 2's checkpoint is complete on the tmpfs at
+    `mounted`, shrinks the tmpfs to what it uses plus 16 pages: step 2 is whole, the
+    write of step KILL_STEP runs out of space part way."""
+    def used_kib():
+        st = os.statvfs(mounted)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize // 1024
+
+    def shrink(step, state):
+        if step == KILL_STEP:
+            deadline = time.time() + 300
+            while not ("2" in os.listdir(mounted)
+                       and not any("tmp" in e for e in os.listdir(mounted))):
+                assert time.time() < deadline, "step 2's checkpoint was never completed"
+                time.sleep(0.05)
+            before = -1
+            while before != used_kib():  # Orbax's last small files after the rename
+                before = used_kib()
+                time.sleep(0.5)
+            subprocess.run(["mount", "-o", f"remount,size={before + 64}k", mounted],
+                           check=True)
+        return state
+
+    wrap_train_step(monkeypatch, shrink)
 
 
 @pytest.mark.slow
@@ -148,7 +166,9 @@ def test_full_disk_during_a_write_stops_cleanly_and_keeps_the_previous(how, tmp_
     mounted = os.path.join(workdir, "checkpoints")
     if how == "injected":
         _inject_enospc(monkeypatch, workdir)
-    elif not _small_filesystem(mounted, f"{_one_and_a_half_checkpoints_kib(reference)}k"):
+    elif _small_filesystem(mounted, "16m"):
+        _fill_up_before_step_4(monkeypatch, mounted)
+    else:
         pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
     try:
         with pytest.raises(checkpoint.CheckpointWriteError) as e:
