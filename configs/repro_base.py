@@ -19,8 +19,9 @@
   (capacity 4 per expert) and dropped ~11% of its tokens; groups of 512 drop ~2%, as in
   the paper's regime (the quality effect of this alone was small);
 - batch 32 x (128 inputs + 32 targets) and 2000 steps: 10.2M training tokens;
-- evaluation every 200 steps on 32 batches (the eval loss's own sampling error is ~10x
-  below the seed spread: see results.md).
+- evaluation every 200 steps on 32 batches (32,768 target tokens), the same batches for
+  every run: one run's eval loss has a sampling error (~0.018) as large as the seed
+  spread, so the reports compare models by the paired difference at the same seed.
 
 `decoder()` is the decoder-only (causal LM) counterpart with the same blocks: 4 layers,
 experts in every FFN, 128-token sequences.
