@@ -23,6 +23,7 @@ FAMILIES = ("encoder_decoder", "decoder_only")
 ACTIVATIONS = ("relu", "gelu", "gated_gelu", "gated_silu")
 DTYPES = ("float32", "bfloat16")
 EXPERT_KERNELS = ("auto", "xla", "cpu")  # see switchjax/kernels.py
+REMATS = ("none", "full", "dots")  # see models.block_class
 
 
 class ReportedError(Exception):
@@ -195,6 +196,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     dtype: str = "float32"  # activations; params are always float32
     logit_z_loss: float = 0.0  # z-loss on the output softmax (PaLM / T5X style)
+    # Rematerialisation of each block in the backward pass (one of REMATS): 'none' saves
+    # every activation, 'full' only each block's input, 'dots' also its weight matmuls.
+    remat: str = "none"
     moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
 
     @classmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from switchjax.config import (ACTIVATIONS, DISPATCHES, DTYPES, EXPERT_KERNELS, FAMILIES,
-                              ROUNDINGS, ROUTER_SCORES, ROUTERS, ModelConfig, MoeConfig,
+                              REMATS, ROUNDINGS, ROUTER_SCORES, ROUTERS, ModelConfig, MoeConfig,
                               _defaults, check_types, fail)
 
 
@@ -34,9 +34,10 @@ def check_model(cfg: ModelConfig) -> None:
     if cfg.activation not in ACTIVATIONS:
         fail("model.activation", cfg.activation, "unknown activation",
               f"use one of {ACTIVATIONS}")
-    for name in ("dtype",):
-        if getattr(cfg, name) not in DTYPES:
-            fail(f"model.{name}", getattr(cfg, name), "unknown dtype", f"use one of {DTYPES}")
+    if cfg.dtype not in DTYPES:
+        fail("model.dtype", cfg.dtype, "unknown dtype", f"use one of {DTYPES}")
+    if cfg.remat not in REMATS:
+        fail("model.remat", cfg.remat, "unknown rematerialisation", f"use one of {REMATS}")
     for name in ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim",
                  "relative_attention_num_buckets", "num_decoder_layers"):
         if getattr(cfg, name) <= 0:

@@ -91,7 +91,7 @@ class Block(nn.Module):
     num_experts: int = 0  # E of the sparse FFN (0: moe.num_experts)
 
     @nn.compact
-    def __call__(self, x, self_mask, self_bias, token_mask, *, train: bool,
+    def __call__(self, x, self_mask, self_bias, token_mask, train: bool,
                  encoded=None, cross_mask=None, cache_index=None):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate)
@@ -113,6 +113,17 @@ class Block(nn.Module):
             h = Mlp(cfg, name="mlp")(h, train=train)
         x = x + drop(h, deterministic=not train)
         return nn.with_logical_constraint(x, ACTIVATION_AXES), stats
+
+
+def block_class(remat: str) -> type[nn.Module]:
+    """`Block`, or `Block` rematerialised in the backward pass (`model.remat`): 'full'
+    saves only each block's inputs and recomputes the rest; 'dots' also saves the
+    outputs of matmuls without batch dimensions (the weight matmuls, not attention's
+    or the experts' batched ones). Same values and gradients, less memory, more FLOPs."""
+    if remat == "none":
+        return Block
+    policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    return nn.remat(Block, policy=policy[remat], static_argnums=(5,))  # 5: `train`
 
 
 class Stack(nn.Module):
@@ -145,12 +156,12 @@ class Stack(nn.Module):
                       if self.cross else None)
         token_mask = segment_ids > 0
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
-        stats = []
+        stats, block = [], block_class(cfg.remat)
         for i in range(n):
             experts = cfg.layer_num_experts(self.name_prefix, i) if i in sparse else 0
-            x, s = Block(cfg, sparse=i in sparse, causal=self.causal, cross=self.cross,
+            x, s = block(cfg, sparse=i in sparse, causal=self.causal, cross=self.cross,
                          num_experts=experts, name=f"layer_{i}")(
-                x, self_mask, bias, token_mask, train=train, encoded=encoded,
+                x, self_mask, bias, token_mask, train, encoded=encoded,
                 cross_mask=cross_mask, cache_index=index)
             if s is not None:
                 stats.append(s)

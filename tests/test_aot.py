@@ -102,6 +102,19 @@ def test_tpu_smoke_plan(mesh):
     assert row["fits"] is True and row["all_to_all"] == a2a["count"]
 
 
+def test_tpu_remat_recomputes_the_forward():
+    """model.remat='full' on an expert mesh: the backward pass recomputes each sparse
+    layer's forward, its dispatch and combine all-to-alls included (6 per layer, not 4)."""
+    config, _ = _smoke_cfg()
+    config.model.remat = "full"
+    cfg = ModelConfig.from_config(config)
+    chip, devices = chips.topology_devices("v5e:2x2")
+    r = compile_train_step(config, devices, (1, 4, 1), 8, 32, 8)
+    e = plan.evaluate(r, cfg, chip)
+    assert r["oom"] is None and r["collectives"]["all-to-all"]["count"] == 6 * cfg.num_moe_layers
+    assert e["xla_flops"] > e["executed_flops"]
+
+
 def test_tpu_does_not_fit_is_a_result():
     """A dense smoke model with 16 GiB of FFN weights per chip: XLA:TPU's out-of-HBM verdict
     is reported with its numbers."""

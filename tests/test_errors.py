@@ -428,6 +428,9 @@ CASES = [
     Case("config", "`moe.router='top3'`", validate(**{"moe.router": "top3"}),
          message=("moe.router='top3': unknown router. Fix: use one of ('top1', 'topk', "
                   "'expert_choice', 'dropless').")),
+    Case("config", "`model.remat='all'`", validate(**{"model.remat": "all"}),
+         message=("model.remat='all': unknown rematerialisation. Fix: use one of ('none', "
+                  "'full', 'dots').")),
     Case("config", "`model.d_modle=64` (a misspelled field in a config file)",
          unknown_field("model", "d_modle", 64),
          message=("model.d_modle=64: is not a known field. Fix: use one of ['activation', "
@@ -435,7 +438,7 @@ CASES = [
                   "'encoder_moe_layers', 'family', 'head_dim', 'init_scale', "
                   "'layer_norm_epsilon', 'logit_z_loss', 'num_decoder_layers', "
                   "'num_encoder_layers', 'num_heads', 'relative_attention_max_distance', "
-                  "'relative_attention_num_buckets', 'tie_embeddings', 'vocab_size'].")),
+                  "'relative_attention_num_buckets', 'remat', 'tie_embeddings', 'vocab_size'].")),
     Case("config", "`train.eps=0.0`", validate(**{"train.eps": 0.0}),
          message='train.eps=0.0: must be > 0 (AdamW divides by sqrt(v) + eps). Fix: e.g. 1e-8.'),
     Case("config", "`train.b1=1.0`", validate(**{"train.b1": 1.0}),
