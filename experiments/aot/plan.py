@@ -7,8 +7,10 @@
   every matmul) of the batch with k experts per token, the useful work that MFU counts;
   `executed` adds what the capacity dispatch really computes: every one of a group's
   E x C expert slots, filled or not, and the one-hot einsums of `dispatch='einsum'`
-  (`flops.moe_layer_flops`). XLA's count (cost analysis of the per-device program,
-  times the devices) is compared with `executed`.
+  (`flops.moe_layer_flops`), and with `model.remat='full'` the forward again (4/3 x).
+  XLA's count (cost analysis of the per-device program, times the devices) is compared
+  with `executed`; with `remat='dots'` it also holds the recomputed batched matmuls
+  (attention, experts), which `executed` leaves out.
 - Roofline (an estimate, a lower bound on the step time): the longer of XLA's FLOPs
   per chip at the chip's peak bf16 FLOP/s and XLA's bytes accessed per chip at its
   HBM bandwidth. Collectives, latencies and imperfect overlap are not in it, so real
@@ -49,7 +51,10 @@ def analytic_flops(cfg: ModelConfig, batch_size: int, inputs_length: int,
             useful = parts["total"] / parts["ratio_to_dense"]  # k experts' FFN per token
             extra += n_sparse * batch_size * length * (parts["experts"] + parts["dispatch"]
                                                        - useful)
-    return {"model": model, "executed": model + 3.0 * extra}
+    executed = model + 3.0 * extra
+    if cfg.remat == "full":  # the backward pass runs every block's forward again
+        executed *= 4.0 / 3.0
+    return {"model": model, "executed": executed}
 
 
 def evaluate(result: dict, cfg: ModelConfig, chip: Optional[Chip]) -> dict:
