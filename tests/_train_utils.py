@@ -19,6 +19,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from typing import Optional
 
 import jax
 
@@ -199,11 +200,13 @@ def start_worker(config, workdir: str, hook: dict, base="configs/cpu_base.py:smo
         stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(proc: subprocess.Popen, ready, timeout: float = 300, what: str = "") -> None:
-    """Polls `ready()` until true; fails if `proc` exits first or the time runs out."""
+def wait_for(proc: Optional[subprocess.Popen], ready, timeout: float = 300,
+             what: str = "") -> None:
+    """Polls `ready()` until true; fails if `proc` (if any) exits first or the time runs
+    out."""
     deadline = time.time() + timeout
     while not ready():
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the worker exited ({proc.returncode}) before {what}: "
                                  f"{proc.stderr.read()[-3000:]}")
         if time.time() > deadline:

@@ -231,6 +231,22 @@ def test_batches_hold_exactly_the_tokenized_pairs(family, pack, spm_path, files,
     assert any(len(p) == cfg.inputs_length for p, _ in got)  # some were truncated
 
 
+def test_an_iterator_logs_its_split_truncation_unless_told_not_to(spm_path, files, tmp_path,
+                                                                    caplog):
+    cfg = config(spm_path, tmp_path, train_files=files[0], eval_files=files[1],
+                 inputs_length=8, targets_length=8)
+    tok = data.make_tokenizer(cfg)
+    logged = {}
+    for log_truncation in (True, False):
+        caplog.clear()
+        data.make_iterator(cfg, cfg.eval_split, 4, repeat=False, tokenizer=tok,
+                           log_truncation=log_truncation)
+        logged[log_truncation] = [r.getMessage() for r in caplog.records
+                                  if "longer than 7" in r.getMessage()]
+    assert len(logged[True]) == 1 and "of 37 pairs (37 scanned)" in logged[True][0]
+    assert logged[False] == []
+
+
 def test_truncation_count_and_eos_kept(spm_path, tmp_path):
     tok = tokenizer_lib.Tokenizer.from_file(spm_path, 0)
     objective = objectives.TextToText(4, 3, EOS)

@@ -35,6 +35,7 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),  # run as a script t
 from _train_utils import (DATA_FILES, REPO, STDLIB, TWO_CHECKPOINTS, cli_args,  # noqa: E402
                           data_dir, env, reference_run, tiny_config, unprivileged)
 from switchjax.config import ReportedError  # noqa: E402
+from switchjax.train.validate import validate_config  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "errors.md")
 BEGIN = "<!-- begin: table generated from tests/test_errors.py -->"
@@ -126,7 +127,7 @@ def validate(everything=False, **fields):
         config = tiny_config()
         for key, value in fields.items():
             _set(config, key, _filled(value, ctx))
-        return _message(lambda: (loop.validate_run if everything else loop.validate_config)(
+        return _message(lambda: (loop.validate_run if everything else validate_config)(
             config))
     return run
 
@@ -137,11 +138,10 @@ def validate_run(**fields):
 
 def unknown_field(section: str, name: str, value):
     def run(ctx):
-        from switchjax.train import loop
         config = tiny_config()
         config[section].unlock()
         config[section][name] = value
-        return _message(lambda: loop.validate_config(config))
+        return _message(lambda: validate_config(config))
     return run
 
 
@@ -180,14 +180,13 @@ def _spm_model(ctx, rel: str, **ids) -> str:
 
 def _corrupt_cached_spm(ctx):
     from switchjax.data.config import spm_cache_path
-    from switchjax.train import loop
     config = tiny_config()
     config.data.data_dir = ctx.path("data_spm")
     path = spm_cache_path(config.data)
     os.makedirs(os.path.dirname(path))
     with open(path, "wb") as f:
         f.write(b"\x0a\x05trunc")
-    return _message(lambda: loop.validate_config(config))
+    return _message(lambda: validate_config(config))
 
 
 # ----------------------------------------------------------------------------- checkpoints

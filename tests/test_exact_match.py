@@ -15,6 +15,7 @@ from switchjax.data import tokenizer as tokenizer_lib
 from switchjax.decoding import DecodeOptions, generate
 from switchjax.train import checkpoint, loop
 from switchjax.train.exact_match import eval_examples, matches, through_eos
+from switchjax.train.validate import validate_config
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 EOS = 1
@@ -98,7 +99,7 @@ def recomputed(config, workdir, family):
     targets = [answer for _, answer in pairs]
     answer = d.targets_length - (d.inputs_length if family == "decoder_only" else 0)
     state, _ = checkpoint.read_state(workdir)
-    cfg = loop.validate_config(config)
+    cfg = validate_config(config)
     variables = {"params": state["params"], **state.get("model_state", {})}
     out = generate(cfg, variables, prompts,
                    DecodeOptions(max_new_tokens=answer, eos_id=EOS))

@@ -140,11 +140,8 @@ def _fill_up_before_step_4(monkeypatch, mounted: str):
 
     def shrink(step, state):
         if step == KILL_STEP:
-            deadline = time.time() + 300
-            while not ("2" in os.listdir(mounted)
-                       and not any("tmp" in e for e in os.listdir(mounted))):
-                assert time.time() < deadline, "step 2's checkpoint was never completed"
-                time.sleep(0.05)
+            wait_for(None, lambda: "2" in os.listdir(mounted) and not any(
+                "tmp" in e for e in os.listdir(mounted)), what="step 2's checkpoint")
             before = -1
             while before != used_kib():  # Orbax's last small files after the rename
                 before = used_kib()

@@ -13,6 +13,7 @@ from _train_utils import poison_router, records, tiny_config, wrap_train_step
 from switchjax.config import ConfigError
 from switchjax.train import checkpoint, loop, metrics, optimizer
 from switchjax.train.train_config import get_train_config
+from switchjax.train.validate import validate_config
 
 
 # ----------------------------------------------------------------------------- units
@@ -99,7 +100,7 @@ def test_short_run_decreases_eval_loss(family, tmp_path):
 def test_nan_names_step_and_layer_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     # Poison MoE layer 1 (the decoder's) right before step 10, a checkpoint step.
     config = tiny_config(checkpoint_every=5)
-    cfg = loop.validate_config(config)
+    cfg = validate_config(config)
     wrap_train_step(monkeypatch, lambda step, state: state.replace(
         params=poison_router(state.params, cfg, 1)) if step == 10 else state)
     workdir = str(tmp_path / "nan")
@@ -176,5 +177,5 @@ def test_validate_config_rejects_unknown_section():
     config.unlock()
     config.optim = ml_collections.ConfigDict({"lr": 1.0})
     with pytest.raises(ConfigError, match="unknown \\['optim'\\]"):
-        loop.validate_config(config)
+        validate_config(config)
 

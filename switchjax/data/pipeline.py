@@ -251,7 +251,7 @@ class _ZipRowsIterator(grain.DatasetIterator):
 def make_dataset(cfg: ml_collections.ConfigDict, split: str, global_batch_size: int, *,
                  process_index: int = 0, process_count: int = 1, seed: int = 0,
                  repeat: bool = True, tokenizer: Tokenizer | None = None,
-                 family: str | None = None) -> grain.IterDataset:
+                 family: str | None = None, log_truncation: bool = True) -> grain.IterDataset:
     """The grain dataset behind `make_iterator` (same arguments)."""
     if global_batch_size % process_count or not 0 <= process_index < process_count:
         raise ValueError(f"global_batch_size={global_batch_size} must split evenly over "
@@ -267,7 +267,8 @@ def make_dataset(cfg: ml_collections.ConfigDict, split: str, global_batch_size: 
         documents = documents.repeat()
     objective = make_objective(cfg, tokenizer, family)
     if cfg.objective == "text_to_text":
-        _log_truncated(source, split, tokenizer, objective)
+        if log_truncation:
+            _log_truncated(source, split, tokenizer, objective)
         documents = documents.map_with_index(_PairToExamples(tokenizer, objective))
     else:
         documents = documents.map_with_index(_DocumentToExamples(
@@ -292,7 +293,8 @@ def make_dataset(cfg: ml_collections.ConfigDict, split: str, global_batch_size: 
 def make_iterator(cfg: ml_collections.ConfigDict, split: str, global_batch_size: int, *,
                   process_index: int = 0, process_count: int = 1, seed: int = 0,
                   repeat: bool = True, tokenizer: Tokenizer | None = None,
-                  family: str | None = None) -> grain.DatasetIterator:
+                  family: str | None = None, log_truncation: bool = True
+                  ) -> grain.DatasetIterator:
     """This host's slice of every global batch: dicts of `[global_batch_size //
     process_count, L]` arrays (keys and shapes in `packing.model_batch`).
 
@@ -311,9 +313,12 @@ def make_iterator(cfg: ml_collections.ConfigDict, split: str, global_batch_size:
       tokenizer: reuse an existing `make_tokenizer(cfg)`.
       family: the model family the batches are for ('encoder_decoder' or
         'decoder_only'); None = the objective's (text_to_text: encoder-decoder).
+      log_truncation: text_to_text: count and log the split's truncated pairs (a scan
+        of up to TRUNCATION_SCAN pairs); False where another iterator of the split did.
     Returns:
       A grain.DatasetIterator with get_state()/set_state() for exact resumption.
     """
     return iter(make_dataset(cfg, split, global_batch_size, process_index=process_index,
                              process_count=process_count, seed=seed, repeat=repeat,
-                             tokenizer=tokenizer, family=family))
+                             tokenizer=tokenizer, family=family,
+                             log_truncation=log_truncation))

@@ -50,7 +50,8 @@ def eval_examples(data, tokenizer, family: str, count: int):
     data = data.copy_and_resolve_references()
     data.pack, data.num_workers = False, 0
     it = data_lib.make_iterator(data, data.eval_split, 1, seed=0, repeat=False,
-                                tokenizer=tokenizer, family=family)
+                                tokenizer=tokenizer, family=family,
+                                log_truncation=False)  # the run's eval iterator logs it
     prompts, targets = [], []
     for row in it:
         if len(targets) == count:

@@ -54,7 +54,7 @@ from switchjax.train.optimizer import make_optimizer, make_schedule
 from switchjax.train.state import create_train_state, dummy_batch, state_shardings
 from switchjax.train.step import jit_eval_step, jit_train_step
 from switchjax.train.stops import DataError, NonFiniteError, first_non_finite
-from switchjax.train.validate import validate_config, validate_devices
+from switchjax.train.validate import validate_config_and_source, validate_devices
 
 FINAL = "final_metrics.json"
 CONFIG_JSON = "config.json"
@@ -110,14 +110,12 @@ class _Run:
         self.config, self.workdir = config, workdir
         if workdir:
             check_writable("--workdir", workdir, "use a writable run directory")
-        self.cfg = validate_config(config)
+        self.cfg, self.source = validate_config_and_source(config)
         sharding_lib.maybe_initialize_distributed(config.mesh)
         self.mesh = sharding_lib.make_mesh(config.mesh)
         self.rules = sharding_lib.logical_rules(config.mesh)
         validate_devices(self.cfg, config, self.mesh, self.rules)
         data = config.data
-        self.source = (init_from.find_source(config.train.init_from)
-                       if config.train.init_from else None)
         self.tokenizer = _data().make_tokenizer(data)
         if self.cfg.vocab_size < self.tokenizer.vocab_size:
             fail("model.vocab_size", self.cfg.vocab_size, f"is smaller than the tokenizer's "

@@ -4,6 +4,8 @@ tokenizer check, before it compiles anything.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import ml_collections
 
@@ -16,9 +18,16 @@ SECTIONS = ("model", "moe", "data", "train", "mesh", "seed")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The model config of `config`, after `validate_config_and_source`'s checks."""
+    return validate_config_and_source(config)[0]
+
+
+def validate_config_and_source(config: ml_collections.ConfigDict
+                               ) -> tuple[ModelConfig, Optional[init_from.Source]]:
     """Checks model, moe, train and data sections (no devices, no compiling); with
     `train.init_from`, first takes what the config leaves to the checkpoint (in place,
-    `init_from.resolve_config`), then checks that the checkpoint fits the model."""
+    `init_from.resolve_config`), then checks that the checkpoint fits the model.
+    Returns the model config and the checkpoint of `train.init_from` (or None)."""
     missing = [s for s in SECTIONS if s not in config]
     unknown = sorted(set(config.keys()) - set(SECTIONS))
     if missing or unknown:
@@ -39,7 +48,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if cfg.num_moe_layers:
         check_groups(cfg.moe.group_size, config.train.batch_size // config.train.accum_steps,
                      batch_lengths(cfg, data))
-    return cfg
+    return cfg, source
 
 
 def batch_lengths(cfg: ModelConfig, data) -> list[int]:
