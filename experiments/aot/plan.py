@@ -7,7 +7,8 @@
   every matmul) of the batch with k experts per token, the useful work that MFU counts;
   `executed` adds what the capacity dispatch really computes: every one of a group's
   E x C expert slots, filled or not, and the one-hot einsums of `dispatch='einsum'`
-  (`flops.moe_layer_flops`), and with `model.remat='full'` the forward again (4/3 x).
+  (`flops.moe_layer_flops`), and with `model.remat='full'` the blocks' forward again,
+  less the matmuls whose outputs the backward does not use (`_recomputed`).
   XLA's count (cost analysis of the per-device program, times the devices) is compared
   with `executed`; with `remat='dots'` it also holds the recomputed batched matmuls
   (attention, experts), which `executed` leaves out.
@@ -52,9 +53,34 @@ def analytic_flops(cfg: ModelConfig, batch_size: int, inputs_length: int,
             extra += n_sparse * batch_size * length * (parts["experts"] + parts["dispatch"]
                                                        - useful)
     executed = model + 3.0 * extra
-    if cfg.remat == "full":  # the backward pass runs every block's forward again
-        executed *= 4.0 / 3.0
+    if cfg.remat == "full":
+        executed += _recomputed(cfg, batch_size, inputs_length, targets_length, extra)
     return {"model": model, "executed": executed}
+
+
+def _recomputed(cfg: ModelConfig, batch_size: int, inputs_length: int, targets_length: int,
+                extra: float) -> float:
+    """FLOPs that `model.remat='full'` adds: the blocks' forward run again in the backward
+    pass, less what the backward does not use and XLA leaves out: the output matmul of
+    each attention (2·D·H·Dh per token) and of each FFN or expert (2·F·D per token and
+    slot), the combine einsum of `dispatch='einsum'`, and the logits (outside the blocks)."""
+    D, HA = cfg.d_model, cfg.num_heads * cfg.head_dim
+    blocks = (batch_size * forward_flops_per_example(cfg, inputs_length, targets_length)
+              - batch_size * targets_length * 2 * D * cfg.vocab_size + extra)
+    gated = cfg.activation.startswith("gated_")
+    unused = 0.0
+    for stack, length in _stacks(cfg, inputs_length, targets_length):
+        n, sparse = (cfg.num_encoder_layers if stack == "encoder" else cfg.num_decoder_layers,
+                     cfg.moe_layer_indices(stack))
+        attentions = 2 if stack == "decoder" and cfg.family == "encoder_decoder" else 1
+        per_token = n * attentions * 2 * D * HA + (n - len(sparse)) * 2 * cfg.d_ff * D
+        for i in sparse:
+            parts = moe_layer_flops(cfg, cfg.moe.group_size or length, train=True,
+                                    num_experts=cfg.layer_num_experts(stack, i))
+            per_token += ((parts["experts"] + parts["shared"]) / (3 if gated else 2)
+                          + parts["dispatch"] / 2)
+        unused += batch_size * length * per_token
+    return blocks - unused
 
 
 def evaluate(result: dict, cfg: ModelConfig, chip: Optional[Chip]) -> dict:
