@@ -39,8 +39,9 @@ def _stacks(cfg: ModelConfig, inputs_length: int, targets_length: int) -> list[t
 
 
 def analytic_flops(cfg: ModelConfig, batch_size: int, inputs_length: int,
-                   targets_length: int) -> dict:
-    """Train-step FLOPs of the whole batch: {'model', 'executed'} (see the module doc)."""
+                   targets_length: int, expert_all_to_all: bool = False) -> dict:
+    """Train-step FLOPs of the whole batch: {'model', 'executed'} (see the module doc).
+    `expert_all_to_all`: the experts run behind all-to-alls (an expert mesh axis > 1)."""
     model = 3.0 * batch_size * forward_flops_per_example(cfg, inputs_length, targets_length)
     extra = 0.0
     if cfg.num_moe_layers:
@@ -54,16 +55,19 @@ def analytic_flops(cfg: ModelConfig, batch_size: int, inputs_length: int,
                                                        - useful)
     executed = model + 3.0 * extra
     if cfg.remat == "full":
-        executed += _recomputed(cfg, batch_size, inputs_length, targets_length, extra)
+        executed += _recomputed(cfg, batch_size, inputs_length, targets_length, extra,
+                                expert_all_to_all)
     return {"model": model, "executed": executed}
 
 
 def _recomputed(cfg: ModelConfig, batch_size: int, inputs_length: int, targets_length: int,
-                extra: float) -> float:
+                extra: float, expert_all_to_all: bool) -> float:
     """FLOPs that `model.remat='full'` adds: the blocks' forward run again in the backward
     pass, less what the backward does not use and XLA leaves out: the output matmul of
     each attention (2·D·H·Dh per token) and of each FFN or expert (2·F·D per token and
-    slot), the combine einsum of `dispatch='einsum'`, and the logits (outside the blocks)."""
+    slot), the combine einsum of `dispatch='einsum'`, and the logits (outside the blocks).
+    Behind all-to-alls the experts' output matmuls do run: they feed the combine
+    all-to-all, a collective XLA keeps."""
     D, HA = cfg.d_model, cfg.num_heads * cfg.head_dim
     blocks = (batch_size * forward_flops_per_example(cfg, inputs_length, targets_length)
               - batch_size * targets_length * 2 * D * cfg.vocab_size + extra)
@@ -77,7 +81,8 @@ def _recomputed(cfg: ModelConfig, batch_size: int, inputs_length: int, targets_l
         for i in sparse:
             parts = moe_layer_flops(cfg, cfg.moe.group_size or length, train=True,
                                     num_experts=cfg.layer_num_experts(stack, i))
-            per_token += ((parts["experts"] + parts["shared"]) / (3 if gated else 2)
+            routed = 0.0 if expert_all_to_all else parts["experts"]
+            per_token += ((routed + parts["shared"]) / (3 if gated else 2)
                           + parts["dispatch"] / 2)
         unused += batch_size * length * per_token
     return blocks - unused
@@ -87,7 +92,8 @@ def evaluate(result: dict, cfg: ModelConfig, chip: Optional[Chip]) -> dict:
     """Fit, FLOP comparison and (for a TPU chip) the roofline estimate of a
     `compile.compile_train_step` result."""
     B, Li, Lt = result["batch"]
-    flops = analytic_flops(cfg, B, Li, Lt)
+    flops = analytic_flops(cfg, B, Li, Lt, expert_all_to_all=cfg.moe.expert_parallel
+                           and result["mesh"]["expert"] > 1)
     out = {"model_flops": flops["model"], "executed_flops": flops["executed"],
            "experts_per_token": experts_per_token(cfg), "hbm_bytes": chip and chip.hbm_bytes}
     if result["oom"] is not None:
