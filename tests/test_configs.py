@@ -13,7 +13,6 @@ from switchjax.flops import flop_matched_dense, param_counts
 from switchjax.train import validate
 from switchjax.train.sweep import apply_overrides, variant_name
 from switchjax.train.train_config import validate_train_config
-from switchjax.train.validate import validate_config
 
 # Every config module and the arguments it accepts ('' = no argument).
 ARGS = {
@@ -48,7 +47,7 @@ def test_finetune_config_validates_on_a_task_built_here(arg, tmp_path):
     write_task("sorted" if arg == "label" else "reverse", task, 50, 10)
     config = _config("finetune", f"task={task}" + (f",{arg}" if arg else ""))
     config.data.data_dir = str(tmp_path / "data")
-    validate_config(config)
+    validate.validate_config(config)
     assert config.train.schedule == "constant" and config.moe.expert_dropout == 0.4
     assert (config.data.label_names == ("no", "yes")) == (arg == "label")
 
@@ -61,11 +60,11 @@ def test_config_builds_and_validates(module, arg):
         ModelConfig.from_config(config)
         validate_train_config(config.train)
         try:
-            validate_config(config)
+            validate.validate_config(config)
         except ValueError as e:  # unless C4 is prepared in data.data_dir
             assert str(e).startswith(("data.data_dir=", "data.name=")), e
     else:  # embedded corpus: the whole config validates
-        validate_config(config)
+        validate.validate_config(config)
     mod = importlib.import_module(f"configs.{module}")
     assert "python -m experiments." in mod.__doc__  # the docstring gives the command
 
@@ -79,7 +78,7 @@ def test_every_sweep_variant_validates(module):
     assert len(set(names)) == len(names)
     for arg in ("", "smoke"):
         for overrides in variants:
-            validate_config(apply_overrides(mod.get_config(arg or None), overrides))
+            validate.validate_config(apply_overrides(mod.get_config(arg or None), overrides))
 
 
 # Sources: Switch Transformers (Fedus et al. 2021) Table 9: Switch-Base 7B, Switch-Large 26B,

@@ -55,22 +55,21 @@ def analytic_flops(cfg: ModelConfig, batch_size: int, inputs_length: int,
                                                        - useful)
     executed = model + 3.0 * extra
     if cfg.remat == "full":
-        executed += _recomputed(cfg, batch_size, inputs_length, targets_length, extra,
-                                expert_all_to_all)
+        executed += _recomputed(cfg, batch_size, inputs_length, targets_length,
+                                model / 3.0 + extra, expert_all_to_all)
     return {"model": model, "executed": executed}
 
 
 def _recomputed(cfg: ModelConfig, batch_size: int, inputs_length: int, targets_length: int,
-                extra: float, expert_all_to_all: bool) -> float:
+                forward: float, expert_all_to_all: bool) -> float:
     """FLOPs that `model.remat='full'` adds: the blocks' forward run again in the backward
     pass, less what the backward does not use and XLA leaves out: the output matmul of
     each attention (2·D·H·Dh per token) and of each FFN or expert (2·F·D per token and
     slot), the combine einsum of `dispatch='einsum'`, and the logits (outside the blocks).
     Behind all-to-alls the experts' output matmuls do run: they feed the combine
-    all-to-all, a collective XLA keeps."""
+    all-to-all, a collective XLA keeps. `forward`: the batch's forward FLOPs as executed."""
     D, HA = cfg.d_model, cfg.num_heads * cfg.head_dim
-    blocks = (batch_size * forward_flops_per_example(cfg, inputs_length, targets_length)
-              - batch_size * targets_length * 2 * D * cfg.vocab_size + extra)
+    blocks = forward - batch_size * targets_length * 2 * D * cfg.vocab_size
     gated = cfg.activation.startswith("gated_")
     unused = 0.0
     for stack, length in _stacks(cfg, inputs_length, targets_length):
