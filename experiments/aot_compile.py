@@ -25,8 +25,9 @@ collectives per step (count and bytes, by kind); XLA's FLOP count next to
 is reported with XLA's numbers. `--sweep` compiles every mesh matching `--mesh`
 ('*' entries are swept; default '*,*,*'), skips those the config rejects, and ranks
 the rest. `--json FILE` writes the results with the command, commit, machine and
-versions. docs/tpu.md explains the numbers. Bad input (an unknown topology, a mesh
-that does not divide it, an impossible config) exits with status 2 and a message.
+versions after each mesh, `"complete": true` once all are done. docs/tpu.md explains
+the numbers. Bad input (an unknown topology, a mesh that does not divide it, an
+impossible config) exits with status 2 and a message.
 """
 from __future__ import annotations
 
@@ -94,8 +95,9 @@ def _batch(f, config, cfg):
         f.accum_steps or config.train.accum_steps
 
 
-def run(f, config, label: str) -> list[dict]:
-    """Compiles the mesh(es) the flags ask for; prints each report; returns the runs."""
+def run(f, config, label: str, save=lambda runs: None) -> list[dict]:
+    """Compiles the mesh(es) the flags ask for; prints each report; calls `save(runs)` after
+    each mesh (a sweep stopped later keeps what it compiled); returns the runs."""
     import jax
     from experiments.aot.chips import topology_devices
     cfg = ModelConfig.from_config(config)
@@ -116,11 +118,13 @@ def run(f, config, label: str) -> list[dict]:
                 raise
             print(f"skipped: {e}", flush=True)
             runs.append({"mesh": mesh, "skipped": str(e), "evaluation": None})
+            save(runs)
             continue
         e = evaluate(r, cfg, chip)
         print(report_lib.report(r, e), flush=True)
         runs.append({"mesh": mesh, "result": r, "evaluation": e,
                      "row": report_lib.row(label, f.topology or "host", r, e)})
+        save(runs)
         jax.clear_caches()
     if f.sweep:
         ranked = sorted(runs, key=sweep_lib.rank_key)
@@ -142,12 +146,16 @@ def main(argv):
     label = f.label or config_flags.get_config_filename(f["config"]).split("configs/")[-1]
     if f.max_rss_gib < 0:
         fail("--max_rss_gib", f.max_rss_gib, "must be >= 0", "use e.g. 16, or 0 for no limit")
-    runs = run(f, f.config, label)
-    if f.json:
-        with open(f.json, "w") as fh:
-            json.dump({"provenance": provenance.provenance(sys.argv),
-                       "config": label, "topology": f.topology, "runs": runs}, fh, indent=1,
-                      default=str)
+
+    def save(runs, complete=False):
+        if f.json:  # "complete": false while a sweep runs, or if it stopped (e.g. exit 3)
+            with open(f.json, "w") as fh:
+                json.dump({"provenance": provenance.provenance(sys.argv), "config": label,
+                           "topology": f.topology, "complete": complete, "runs": runs},
+                          fh, indent=1, default=str)
+
+    save([])
+    save(run(f, f.config, label, save), complete=True)
 
 
 if __name__ == "__main__":

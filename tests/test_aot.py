@@ -9,6 +9,7 @@ hand for the parser.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -239,3 +240,27 @@ def test_cli_bad_input(args, words):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     assert words in p.stderr and "Fix:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_cli_sweep_json(tmp_path):
+    """--sweep --json ranks every mesh and marks the file complete; a run stopped by
+    --max_rss_gib (exit 3) leaves its JSON marked incomplete, not missing."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "experiments.aot_compile", "--config",
+           "configs/switch_base.py:smoke", "--num_devices", "2", "--batch_size", "4",
+           "--sweep", "--mesh", "*,*,1"]
+    out = tmp_path / "sweep.json"
+    p = subprocess.run([*cmd, "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "ranking" in p.stdout
+    d = json.loads(out.read_text())
+    assert d["complete"] is True and d["provenance"]["command"]
+    assert sorted(tuple(r["mesh"]) for r in d["runs"]) == [(1, 2, 1), (2, 1, 1)]
+    assert all(r["row"]["all_to_all"] is not None for r in d["runs"])
+    stopped = tmp_path / "stopped.json"
+    p = subprocess.run([*cmd, "--max_rss_gib", "0.01", "--json", str(stopped)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 3 and "passed --max_rss_gib" in p.stderr
+    d = json.loads(stopped.read_text())
+    assert d["complete"] is False and d["runs"] == []
