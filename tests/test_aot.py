@@ -152,6 +152,13 @@ def test_parse_oom_and_analytic_flops():
     ffn = 2 * 2 * 768 * 3072
     extra = 6 * 2048 * (512 * (640 / 512 - 1) + 114 * (512 / 114 - 1)) * ffn
     assert math.isclose(f["executed"] - f["model"], 3 * extra, rel_tol=1e-9)
+    # Each sparse layer counts its own E's slots: 64 experts in every layer through
+    # num_experts_per_layer is the 64-expert config (decoder: 256 slots, not 512).
+    per_layer, uniform = switch_base.get_config(), switch_base.get_config()
+    per_layer.moe.num_experts_per_layer = (64,) * sparse.num_moe_layers
+    uniform.moe.num_experts = 64
+    assert plan.analytic_flops(ModelConfig.from_config(per_layer), 2048, 512, 114) == \
+        plan.analytic_flops(ModelConfig.from_config(uniform), 2048, 512, 114) != f
     # remat='full' on T5-Base: each block's matmuls run again in the backward pass but for
     # the attention output projections, the FFN's wo and the logits (outputs not needed).
     config = t5_base.get_config()

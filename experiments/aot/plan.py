@@ -44,15 +44,12 @@ def analytic_flops(cfg: ModelConfig, batch_size: int, inputs_length: int,
     `expert_all_to_all`: the experts run behind all-to-alls (an expert mesh axis > 1)."""
     model = 3.0 * batch_size * forward_flops_per_example(cfg, inputs_length, targets_length)
     extra = 0.0
-    if cfg.num_moe_layers:
-        for stack, length in _stacks(cfg, inputs_length, targets_length):
-            n_sparse = len(cfg.moe_layer_indices(stack))
-            if not n_sparse:
-                continue
-            parts = moe_layer_flops(cfg, cfg.moe.group_size or length, train=True)
+    for stack, length in _stacks(cfg, inputs_length, targets_length):
+        for i in cfg.moe_layer_indices(stack):
+            parts = moe_layer_flops(cfg, cfg.moe.group_size or length, train=True,
+                                    num_experts=cfg.layer_num_experts(stack, i))
             useful = parts["total"] / parts["ratio_to_dense"]  # k experts' FFN per token
-            extra += n_sparse * batch_size * length * (parts["experts"] + parts["dispatch"]
-                                                       - useful)
+            extra += batch_size * length * (parts["experts"] + parts["dispatch"] - useful)
     executed = model + 3.0 * extra
     if cfg.remat == "full":
         executed += _recomputed(cfg, batch_size, inputs_length, targets_length,
