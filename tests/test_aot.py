@@ -271,3 +271,36 @@ def test_cli_sweep_json(tmp_path):
     assert p.returncode == 3 and "passed --max_rss_gib" in p.stderr
     d = json.loads(stopped.read_text())
     assert d["complete"] is False and d["runs"] == []
+
+
+def test_table_ranks_sweeps_and_marks_incomplete_files(tmp_path):
+    """table.write: a sweep file's meshes in rank order (fits, then the roofline bound),
+    single plans unranked, skipped meshes listed, a stopped file marked incomplete."""
+    from experiments.aot import table
+
+    def run(mesh, fits, step):
+        e = {"fits": fits, "step_time_bound": step, "headroom": 1.0, "hbm_in_use": 2.0}
+        return {"mesh": mesh, "evaluation": e, "row": {"config": "c", "mesh": mesh,
+                                                       "fits": fits, "step_ms_bound": step}}
+
+    prov = {"commit": "abc", "machine": "m", "python": "3", "jax": "j", "libtpu": "l",
+            "date": "d"}
+    files = {"sweep.json": {"command": "aot_compile --sweep --config.model.remat=full",
+                            "complete": True,
+                            "runs": [run("1x4x1", False, None), run("2x2x1", True, 9.0),
+                                     run("4x1x1", True, 3.0),
+                                     {"mesh": [8, 1, 1], "skipped": "no", "evaluation": None}]},
+             "one.json": {"command": "aot_compile --mesh 4,1,1", "complete": False,
+                          "runs": [run("4x1x1", True, 3.0)]}}
+    for name, d in files.items():
+        (tmp_path / name).write_text(json.dumps(
+            {"provenance": dict(prov, command=d["command"]), "config": "c",
+             "topology": "v5e:2x2", "complete": d["complete"], "runs": d["runs"]}))
+    table.write(str(tmp_path / "out"), [str(tmp_path / n) for n in files])
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [(r["mesh"], r["rank"], r["setting"]) for r in rows] == [
+        ("4x1x1", 1, "model.remat=full"), ("2x2x1", 2, "model.remat=full"),
+        ("1x4x1", 3, "model.remat=full"), ("4x1x1", None, "as configured")]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "mesh (8, 1, 1): no" in md
+    assert md.count("**incomplete**") == 1 and "`one.json`" in md.split("**incomplete**")[0]

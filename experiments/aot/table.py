@@ -3,8 +3,10 @@
     python -m experiments.aot.table --out results/tpu_plans results/tpu_plans/runs/*.json
 
 results.md: `notes.md` of the output folder (if any) on top, then every compiled plan
-(one row per mesh, in the order given), the meshes a sweep skipped and why, and the
-provenance of each file (command, commit, machine, jax and libtpu versions).
+(one row per mesh, files in the order given; a `--sweep` file's meshes by their rank,
+`sweep.rank_key`), the meshes a sweep skipped and why, and the provenance of each file
+(command, commit, machine, jax and libtpu versions; a file whose run stopped before its
+last mesh is marked incomplete).
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import json
 import os
 
 from experiments.aot.report import markdown, to_csv
+from experiments.aot.sweep import rank_key
 
-COLUMNS = ["config", "setting", "topology", "mesh", "fits", "hbm_gib", "headroom_gib",
+COLUMNS = ["config", "setting", "topology", "mesh", "rank", "fits", "hbm_gib", "headroom_gib",
            "param_gib", "opt_gib", "temp_gib", "all_to_all", "all_to_all_mib",
            "other_collectives", "other_collectives_mib", "xla_pflop", "flops_py_pflop",
            "xla_vs_flops_py", "step_ms_bound", "bound", "mfu_bound", "compile_s",
@@ -34,14 +37,15 @@ def collect(paths: list[str]) -> tuple[list[dict], list[str], list[dict]]:
         with open(path) as f:
             data = json.load(f)
         prov = data["provenance"]
-        sources.append(dict(file=os.path.basename(path), **prov))
-        for run in data["runs"]:
-            if "row" in run:
-                rows.append(dict(run["row"], setting=setting(prov["command"]),
-                                 source=os.path.basename(path)))
-            else:
-                skipped.append(f"{data['config']} on {data['topology']}, mesh "
-                               f"{tuple(run['mesh'])}: {run['skipped']}")
+        sources.append(dict(file=os.path.basename(path), complete=data.get("complete", True),
+                            **prov))
+        swept = "--sweep" in prov["command"].split()
+        compiled = [run for run in data["runs"] if "row" in run]
+        for i, run in enumerate(sorted(compiled, key=rank_key) if swept else compiled):
+            rows.append(dict(run["row"], setting=setting(prov["command"]),
+                             rank=i + 1 if swept else None, source=os.path.basename(path)))
+        skipped += [f"{data['config']} on {data['topology']}, mesh {tuple(run['mesh'])}: "
+                    f"{run['skipped']}" for run in data["runs"] if "row" not in run]
     return rows, skipped, sources
 
 
@@ -57,7 +61,8 @@ def write(out: str, paths: list[str]) -> None:
               "flops.py as executed with the capacity slots); the roofline lower bound on "
               "the step time and the MFU it implies (estimates); compile time (s) and peak "
               "host RSS (GiB) on this machine. A plan XLA rejected as out of HBM shows "
-              "XLA's required bytes as hbm_gib.\n",
+              "XLA's required bytes as hbm_gib. rank: the mesh's place in its sweep (fits "
+              "first, then the shortest roofline step time).\n",
               markdown(rows, COLUMNS) + "\n"]
     if skipped:
         parts += ["## Meshes a sweep skipped (rejected before compiling)\n",
@@ -66,7 +71,9 @@ def write(out: str, paths: list[str]) -> None:
     for s in sources:
         parts.append(f"- `{s['file']}`: `{s['command']}`; commit {s['commit']}; "
                      f"{s['machine']}; Python {s['python']}, jax {s['jax']}, libtpu "
-                     f"{s['libtpu']}; {s['date']}")
+                     f"{s['libtpu']}; {s['date']}"
+                     + ("" if s["complete"] else "; **incomplete**: stopped before its last "
+                        "mesh"))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(parts) + "\n")
     with open(os.path.join(out, "results.csv"), "w") as f:
