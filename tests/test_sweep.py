@@ -13,7 +13,7 @@ import numpy as np
 
 from _train_utils import REPO, cli_args, env, tiny_config
 from switchjax.config import ConfigError
-from switchjax.train import curves, loop, report, sweep
+from switchjax.train import curves, metrics, report, sweep
 
 
 def _sweep_cli(workdir, *extra):
@@ -168,9 +168,9 @@ def test_eval_sampling_error():
     """The eval loss's standard error over batches: the weighted formula against the
     unweighted textbook one for equal weights; 0 for one batch."""
     v = [4.0, 4.2, 3.9, 4.1]
-    assert loop._weighted_sem(v, [10, 10, 10, 10]) == pytest.approx(
+    assert metrics.weighted_sem(v, [10, 10, 10, 10]) == pytest.approx(
         np.std(v, ddof=1) / np.sqrt(len(v)))
-    assert loop._weighted_sem([4.0], [7]) == 0.0
+    assert metrics.weighted_sem([4.0], [7]) == 0.0
 
 
 def test_load_max_over_mean_from_the_last_eval_record():

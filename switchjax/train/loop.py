@@ -80,16 +80,6 @@ def _mean(records: list[dict], weights=None) -> dict:
     return out
 
 
-def _weighted_sem(values, weights) -> float:
-    """Standard error of the weighted mean of per-batch values (batches as independent
-    samples; 0 for one batch): the eval loss's own sampling noise."""
-    v, w = np.asarray(values, np.float64), np.asarray(weights, np.float64)
-    w = w / max(w.sum(), 1e-9)
-    mean = float((w * v).sum())
-    n = len(v)
-    return float(np.sqrt((w ** 2 * (v - mean) ** 2).sum() * n / (n - 1))) if n > 1 else 0.0
-
-
 def _logged(workdir: str, split: str, step: int) -> dict:
     """The `split` metrics logged at `step` in workdir's metrics.jsonl ({} if none)."""
     for r in reversed(metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.JSONL))):
@@ -359,7 +349,8 @@ class _Training:
             records.append(m)
             weights.append(m["num_tokens"])
         result = _mean(records, weights)
-        result["task_loss_sem"] = _weighted_sem([r["task_loss"] for r in records], weights)
+        result["task_loss_sem"] = metrics_lib.weighted_sem(
+            [r["task_loss"] for r in records], weights)
         if cfg.num_moe_layers:
             result["capacity_factor"] = cfg.moe.capacity_factor(train=False)
         if self.exact_match is not None:

@@ -27,6 +27,16 @@ JSONL = "metrics.jsonl"
 LOADS = ("expert_load", "expert_selected_load")  # [num_moe_layers][E] per-expert shares
 
 
+def weighted_sem(values, weights) -> float:
+    """Standard error of the weighted mean of per-batch values (batches as independent
+    samples; 0 for one batch): an eval loss's own sampling noise."""
+    v, w = np.asarray(values, np.float64), np.asarray(weights, np.float64)
+    w = w / max(w.sum(), 1e-9)
+    mean = float((w * v).sum())
+    n = len(v)
+    return float(np.sqrt((w ** 2 * (v - mean) ** 2).sum() * n / (n - 1))) if n > 1 else 0.0
+
+
 def to_python(metrics: Mapping[str, Any]) -> dict:
     """numpy/jax scalars and arrays -> floats and nested lists (JSON-ready)."""
     out = {}
