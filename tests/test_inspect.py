@@ -59,3 +59,17 @@ def test_inspect_errors_name_the_flag(tmp_path):
     (tmp_path / "config.json").write_text(_config().to_json_best_effort())
     with pytest.raises(CheckpointError, match="holds no checkpoint. Fix: use the workdir"):
         inspect_cli.main(["--workdir", str(tmp_path), "--text", TEXT])
+
+
+def test_load_config_of_an_older_run_fills_absent_fields(tmp_path, caplog):
+    """A config.json written before a field existed loads with that field at its default
+    (as the resume check counts it), and the log names the fields."""
+    from switchjax.analysis.run import load_config
+    saved = json.loads(_config().to_json_best_effort())
+    del saved["moe"]["num_experts_per_layer"], saved["model"]["remat"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with caplog.at_level("INFO"):
+        config = load_config(str(tmp_path))
+    assert not config.moe.num_experts_per_layer and config.model.remat == "none"
+    assert ModelConfig.from_config(config) == ModelConfig.from_config(_config())
+    assert "take their defaults: model.remat, moe.num_experts_per_layer" in caplog.text

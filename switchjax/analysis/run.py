@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -43,13 +44,25 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The experiment config `train_and_evaluate` wrote to `workdir/config.json`.
 
     JSON turns tuples into lists; `data.files` and `mesh.rules` are made tuples again.
+    A field the file lacks (added to the code after the run) takes its default, as a
+    resumed run's checkpoint check (`checkpoint.config_changes`) counts it; logged.
     """
+    from switchjax.train.checkpoint import default_fields
+
     path = os.path.join(workdir, CONFIG)
     if not os.path.isfile(path):
         fail("--workdir", workdir, f"is not a run directory ({path} does not exist)",
              "pass the --workdir of a run trained with experiments/train.py")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    absent = [k for k in default_fields() if k.split(".")[0] in config
+              and k.split(".")[1] not in config[k.split(".")[0]]]
+    for key in absent:
+        section, name = key.split(".")
+        config[section][name] = default_fields()[key]
+    if absent:
+        logging.info("%s: fields absent from its config.json take their defaults: %s",
+                     workdir, ", ".join(absent))
     with config.ignore_type():
         config.data.files = tuple(config.data.files)
         config.mesh.rules = tuple(config.mesh.rules)

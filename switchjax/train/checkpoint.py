@@ -69,7 +69,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 @functools.cache
-def _defaults() -> dict:
+def default_fields() -> dict:
     """Every config field's default value, flat ('moe.router': 'top1', ...)."""
     from switchjax.config import model_config_dict
     from switchjax.data import get_data_config
@@ -91,7 +91,7 @@ def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict) -> 
         return []
     now = _flat(config_json(config))
     saved = _flat(saved)
-    defaults = _defaults()
+    defaults = default_fields()
     saved.update({k: defaults[k] for k in now if k not in saved and k in defaults})
     free = [p for p in RESUMABLE
             if not (p == "train.num_train_steps" and now.get("train.schedule") == "cosine")]
