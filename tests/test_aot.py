@@ -45,6 +45,7 @@ def test_aot_compile_tiny_switch_cpu():
     print("\n" + report.report(r, e))
     assert len(jax.live_arrays()) <= live_before + 4  # no parameters were allocated
     assert r["platform"] == "cpu" and r["param_count"] == r["abstract_param_count"]
+    assert 0 < r["start_rss_gib"] <= r["peak_rss_gib"]  # sampled while compiling
     assert r["state"]["expert"] * 4 == r["state"]["expert_total"]  # expert x model = 2 x 2
     m = r["memory"]
     assert m["argument"] >= r["state"]["param"] + r["state"]["opt_state"]
@@ -273,34 +274,37 @@ def test_cli_sweep_json(tmp_path):
     assert d["complete"] is False and d["runs"] == []
 
 
-def test_table_ranks_sweeps_and_marks_incomplete_files(tmp_path):
-    """table.write: a sweep file's meshes in rank order (fits, then the roofline bound),
-    single plans unranked, skipped meshes listed, a stopped file marked incomplete."""
+def test_table_ranks_plans_across_files_and_marks_incomplete_ones(tmp_path):
+    """table.write: the plans of one config, setting and topology ranked together across
+    files (fits, then the roofline bound), a lone plan unranked, skipped meshes listed, a
+    stopped file marked incomplete."""
     from experiments.aot import table
 
     def run(mesh, fits, step):
         e = {"fits": fits, "step_time_bound": step, "headroom": 1.0, "hbm_in_use": 2.0}
         return {"mesh": mesh, "evaluation": e, "row": {"config": "c", "mesh": mesh,
-                                                       "fits": fits, "step_ms_bound": step}}
+                                                       "topology": "v5e:2x2", "fits": fits,
+                                                       "step_ms_bound": step}}
 
     prov = {"commit": "abc", "machine": "m", "python": "3", "jax": "j", "libtpu": "l",
             "date": "d"}
-    files = {"sweep.json": {"command": "aot_compile --sweep --config.model.remat=full",
-                            "complete": True,
-                            "runs": [run("1x4x1", False, None), run("2x2x1", True, 9.0),
-                                     run("4x1x1", True, 3.0),
-                                     {"mesh": [8, 1, 1], "skipped": "no", "evaluation": None}]},
-             "one.json": {"command": "aot_compile --mesh 4,1,1", "complete": False,
-                          "runs": [run("4x1x1", True, 3.0)]}}
-    for name, d in files.items():
+    remat = "--config.model.remat=full"
+    files = {"sweep.json": (f"aot_compile --sweep {remat}", True,
+                            [run("1x4x1", False, None), run("2x2x1", True, 9.0),
+                             {"mesh": [8, 1, 1], "skipped": "no", "evaluation": None}]),
+             "one.json": ("aot_compile --mesh 4,1,1", False, [run("4x1x1", True, 3.0)]),
+             "two.json": (f"aot_compile --mesh 4,1,1 {remat}", True, [run("4x1x1", True, 3.0)])}
+    for name, (command, complete, runs) in files.items():
         (tmp_path / name).write_text(json.dumps(
-            {"provenance": dict(prov, command=d["command"]), "config": "c",
-             "topology": "v5e:2x2", "complete": d["complete"], "runs": d["runs"]}))
+            {"provenance": dict(prov, command=command), "config": "c",
+             "topology": "v5e:2x2", "complete": complete, "runs": runs}))
     table.write(str(tmp_path / "out"), [str(tmp_path / n) for n in files])
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
-    assert [(r["mesh"], r["rank"], r["setting"]) for r in rows] == [
-        ("4x1x1", 1, "model.remat=full"), ("2x2x1", 2, "model.remat=full"),
-        ("1x4x1", 3, "model.remat=full"), ("4x1x1", None, "as configured")]
+    assert [(r["mesh"], r["rank"], r["setting"], r["source"]) for r in rows] == [
+        ("4x1x1", 1, "model.remat=full", "two.json"),
+        ("2x2x1", 2, "model.remat=full", "sweep.json"),
+        ("1x4x1", 3, "model.remat=full", "sweep.json"),
+        ("4x1x1", None, "as configured", "one.json")]
     md = (tmp_path / "out" / "results.md").read_text()
     assert "mesh (8, 1, 1): no" in md
     assert md.count("**incomplete**") == 1 and "`one.json`" in md.split("**incomplete**")[0]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import resource
 import sys
 import threading
 import time
@@ -37,39 +36,44 @@ GIB = 1024 ** 3
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GIB, "T": 1024 ** 4}
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident set so far (Linux: ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-
-
 def current_rss_gib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
 
 
 class RssGuard:
-    """Stops the process (exit status 3, a message on stderr) if its resident set passes
-    `limit_gib` while the block runs: a compile too big for this host ends cleanly."""
+    """Samples this process's resident set every 0.5 s while the block runs: `start` and
+    `peak` (GiB; the peak of a sweep's later mesh includes what earlier compiles left
+    allocated, which `start` shows). Stops the process (exit status 3, a message on
+    stderr) if the resident set passes `limit_gib` (> 0): a compile too big for this
+    host ends cleanly."""
 
     def __init__(self, limit_gib: float, what: str):
         self.limit, self.what, self._stop = limit_gib, what, threading.Event()
+        self.start = self.peak = 0.0
+
+    def _sample(self) -> float:
+        rss = current_rss_gib() if os.path.exists("/proc/self/statm") else 0.0
+        self.peak = max(self.peak, rss)
+        return rss
 
     def _watch(self):
         while not self._stop.wait(0.5):
-            rss = current_rss_gib()
-            if rss > self.limit:
+            rss = self._sample()
+            if self.limit > 0 and rss > self.limit:
                 print(f"error: host memory {rss:.1f} GiB passed --max_rss_gib={self.limit:g} "
                       f"while compiling {self.what}; stopped. Fix: a smaller slice or mesh, or "
                       "a host with more memory.", file=sys.stderr, flush=True)
                 os._exit(3)
 
     def __enter__(self):
-        if self.limit > 0 and os.path.exists("/proc/self/statm"):
-            threading.Thread(target=self._watch, daemon=True).start()
+        self.start = self._sample()
+        threading.Thread(target=self._watch, daemon=True).start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
+        self._sample()
 
 
 def parse_oom(message: str) -> Optional[dict]:
@@ -139,8 +143,9 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
     Returns per-device numbers (bytes; the program is the per-device SPMD program):
     state (params, optimizer state, experts), XLA's memory analysis, cost analysis
     (flops, bytes accessed), collectives (count and result bytes per kind), phase
-    times (s), peak host RSS; `oom` holds XLA's out-of-HBM verdict instead of the
-    memory, cost and collectives when the program does not fit.
+    times (s), host RSS (at the start and the peak of lowering and compiling); `oom`
+    holds XLA's out-of-HBM verdict instead of the memory, cost and collectives when
+    the program does not fit.
     """
     times = {}
     t0 = time.perf_counter()
@@ -167,7 +172,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
         state=_state_bytes(abstract), num_moe_layers=cfg.num_moe_layers, oom=None,
         memory=None, cost=None, collectives=None)
     what = f"mesh {mesh_shape} on {len(devices)} {devices[0].device_kind} devices"
-    with RssGuard(max_rss_gib, what):
+    with RssGuard(max_rss_gib, what) as rss:
         t0 = time.perf_counter()
         with jax.set_mesh(mesh):
             lowered = step.lower(abstract, batch, rng)
@@ -180,7 +185,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence,
             if result["oom"] is None:
                 raise
         times["compile_s"] = time.perf_counter() - t0
-    result["peak_rss_gib"] = peak_rss_gib()
+    result["start_rss_gib"], result["peak_rss_gib"] = rss.start, rss.peak
     if result["oom"] is None:
         mem = compiled.memory_analysis()
         result["memory"] = {name: int(getattr(mem, f"{name}_size_in_bytes")) for name in

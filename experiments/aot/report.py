@@ -64,7 +64,8 @@ def report(r: dict, e: dict) -> str:
                 f"{e['t_compute'] * 1e3:,.1f} ms, HBM {e['t_memory'] * 1e3:,.1f} ms), "
                 f"MFU <= {e['mfu_bound']:.1%}")
     lines.append("time (s): " + ", ".join(f"{k[:-2]} {v:.1f}" for k, v in r["times"].items())
-                 + f"; peak host RSS {r['peak_rss_gib']:.2f} GiB")
+                 + f"; host RSS {r['start_rss_gib']:.2f} GiB at the start, peak "
+                 f"{r['peak_rss_gib']:.2f} GiB")
     return "\n".join(lines)
 
 

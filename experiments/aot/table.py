@@ -2,11 +2,12 @@
 
     python -m experiments.aot.table --out results/tpu_plans results/tpu_plans/runs/*.json
 
-results.md: `notes.md` of the output folder (if any) on top, then every compiled plan
-(one row per mesh, files in the order given; a `--sweep` file's meshes by their rank,
-`sweep.rank_key`), the meshes a sweep skipped and why, and the provenance of each file
-(command, commit, machine, jax and libtpu versions; a file whose run stopped before its
-last mesh is marked incomplete).
+results.md: `notes.md` of the output folder (if any) on top, then every compiled plan,
+one row per mesh: the plans of one config, setting and topology together (in the order
+the files first give them), ranked by `sweep.rank_key` across the files (a sweep and
+meshes compiled one by one rank together); the meshes a sweep skipped and why; and the
+provenance of each file (command, commit, machine, jax and libtpu versions; a file whose
+run stopped before its last mesh is marked incomplete).
 """
 from __future__ import annotations
 
@@ -32,20 +33,26 @@ def setting(command: str) -> str:
 
 
 def collect(paths: list[str]) -> tuple[list[dict], list[str], list[dict]]:
-    rows, skipped, sources = [], [], []
+    rows, skipped, sources, groups = [], [], [], {}
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         prov = data["provenance"]
         sources.append(dict(file=os.path.basename(path), complete=data.get("complete", True),
                             **prov))
-        swept = "--sweep" in prov["command"].split()
-        compiled = [run for run in data["runs"] if "row" in run]
-        for i, run in enumerate(sorted(compiled, key=rank_key) if swept else compiled):
-            rows.append(dict(run["row"], setting=setting(prov["command"]),
-                             rank=i + 1 if swept else None, source=os.path.basename(path)))
-        skipped += [f"{data['config']} on {data['topology']}, mesh {tuple(run['mesh'])}: "
-                    f"{run['skipped']}" for run in data["runs"] if "row" not in run]
+        for run in data["runs"]:
+            if "row" in run:
+                row = dict(run["row"], setting=setting(prov["command"]),
+                           source=os.path.basename(path))
+                groups.setdefault((row["config"], row["setting"], row["topology"]),
+                                  []).append((row, run))
+            else:
+                skipped.append(f"{data['config']} on {data['topology']}, mesh "
+                               f"{tuple(run['mesh'])}: {run['skipped']}")
+    for members in groups.values():
+        ranked = sorted(members, key=lambda member: rank_key(member[1]))
+        rows += [dict(row, rank=i + 1 if len(members) > 1 else None)
+                 for i, (row, _) in enumerate(ranked)]
     return rows, skipped, sources
 
 
@@ -61,8 +68,9 @@ def write(out: str, paths: list[str]) -> None:
               "flops.py as executed with the capacity slots); the roofline lower bound on "
               "the step time and the MFU it implies (estimates); compile time (s) and peak "
               "host RSS (GiB) on this machine. A plan XLA rejected as out of HBM shows "
-              "XLA's required bytes as hbm_gib. rank: the mesh's place in its sweep (fits "
-              "first, then the shortest roofline step time).\n",
+              "XLA's required bytes as hbm_gib. rank: the mesh's place among the plans of its "
+              "config, setting and topology (fits first, then the shortest roofline step "
+              "time).\n",
               markdown(rows, COLUMNS) + "\n"]
     if skipped:
         parts += ["## Meshes a sweep skipped (rejected before compiling)\n",
