@@ -39,9 +39,8 @@ def _stacks(cfg: ModelConfig, inputs_length: int, targets_length: int) -> list[t
 
 
 def analytic_flops(cfg: ModelConfig, batch_size: int, inputs_length: int,
-                   targets_length: int, expert_all_to_all: bool = False) -> dict:
-    """Train-step FLOPs of the whole batch: {'model', 'executed'} (see the module doc).
-    `expert_all_to_all`: the experts run behind all-to-alls (an expert mesh axis > 1)."""
+                   targets_length: int) -> dict:
+    """Train-step FLOPs of the whole batch: {'model', 'executed'} (see the module doc)."""
     model = 3.0 * batch_size * forward_flops_per_example(cfg, inputs_length, targets_length)
     extra = 0.0
     for stack, length in _stacks(cfg, inputs_length, targets_length):
@@ -53,18 +52,18 @@ def analytic_flops(cfg: ModelConfig, batch_size: int, inputs_length: int,
     executed = model + 3.0 * extra
     if cfg.remat == "full":
         executed += _recomputed(cfg, batch_size, inputs_length, targets_length,
-                                model / 3.0 + extra, expert_all_to_all)
+                                model / 3.0 + extra)
     return {"model": model, "executed": executed}
 
 
 def _recomputed(cfg: ModelConfig, batch_size: int, inputs_length: int, targets_length: int,
-                forward: float, expert_all_to_all: bool) -> float:
+                forward: float) -> float:
     """FLOPs that `model.remat='full'` adds: the blocks' forward run again in the backward
     pass, less what the backward does not use and XLA leaves out: the output matmul of
-    each attention (2·D·H·Dh per token) and of each FFN or expert (2·F·D per token and
-    slot), the combine einsum of `dispatch='einsum'`, and the logits (outside the blocks).
-    Behind all-to-alls the experts' output matmuls do run: they feed the combine
-    all-to-all, a collective XLA keeps. `forward`: the batch's forward FLOPs as executed."""
+    each attention (2·D·H·Dh per token), of each dense FFN and shared expert (2·F·D per
+    token), the combine einsum of `dispatch='einsum'`, and the logits (outside the
+    blocks). The routed experts' output matmuls do run again: the gates' gradient needs
+    the experts' outputs. `forward`: the batch's forward FLOPs as executed."""
     D, HA = cfg.d_model, cfg.num_heads * cfg.head_dim
     blocks = forward - batch_size * targets_length * 2 * D * cfg.vocab_size
     gated = cfg.activation.startswith("gated_")
@@ -77,9 +76,7 @@ def _recomputed(cfg: ModelConfig, batch_size: int, inputs_length: int, targets_l
         for i in sparse:
             parts = moe_layer_flops(cfg, cfg.moe.group_size or length, train=True,
                                     num_experts=cfg.layer_num_experts(stack, i))
-            routed = 0.0 if expert_all_to_all else parts["experts"]
-            per_token += ((routed + parts["shared"]) / (3 if gated else 2)
-                          + parts["dispatch"] / 2)
+            per_token += parts["shared"] / (3 if gated else 2) + parts["dispatch"] / 2
         unused += batch_size * length * per_token
     return blocks - unused
 
@@ -88,8 +85,7 @@ def evaluate(result: dict, cfg: ModelConfig, chip: Optional[Chip]) -> dict:
     """Fit, FLOP comparison and (for a TPU chip) the roofline estimate of a
     `compile.compile_train_step` result."""
     B, Li, Lt = result["batch"]
-    flops = analytic_flops(cfg, B, Li, Lt, expert_all_to_all=cfg.moe.expert_parallel
-                           and result["mesh"]["expert"] > 1)
+    flops = analytic_flops(cfg, B, Li, Lt)
     out = {"model_flops": flops["model"], "executed_flops": flops["executed"],
            "experts_per_token": experts_per_token(cfg), "hbm_bytes": chip and chip.hbm_bytes}
     if result["oom"] is not None:
