@@ -283,8 +283,8 @@ def test_cli_sweep_json(tmp_path):
 
 def test_table_ranks_plans_across_files_and_marks_incomplete_ones(tmp_path):
     """table.write: the plans of one config, setting and topology ranked together across
-    files (fits, then the roofline bound), a lone plan unranked, skipped meshes listed, a
-    stopped file marked incomplete."""
+    files (fits, then the roofline bound), a mesh compiled again replacing its earlier
+    row, a lone plan unranked, skipped meshes listed, a stopped file marked incomplete."""
     from experiments.aot import table
 
     def run(mesh, fits, step):
@@ -300,7 +300,9 @@ def test_table_ranks_plans_across_files_and_marks_incomplete_ones(tmp_path):
                             [run("1x4x1", False, None), run("2x2x1", True, 9.0),
                              {"mesh": [8, 1, 1], "skipped": "no", "evaluation": None}]),
              "one.json": ("aot_compile --mesh 4,1,1", False, [run("4x1x1", True, 3.0)]),
-             "two.json": (f"aot_compile --mesh 4,1,1 {remat}", True, [run("4x1x1", True, 3.0)])}
+             "two.json": (f"aot_compile --mesh 4,1,1 {remat}", True, [run("4x1x1", True, 3.0)]),
+             "again.json": (f"aot_compile --mesh 1,4,1 {remat}", True,
+                            [run("1x4x1", True, 5.0)])}
     for name, (command, complete, runs) in files.items():
         (tmp_path / name).write_text(json.dumps(
             {"provenance": dict(prov, command=command), "config": "c",
@@ -309,8 +311,8 @@ def test_table_ranks_plans_across_files_and_marks_incomplete_ones(tmp_path):
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert [(r["mesh"], r["rank"], r["setting"], r["source"]) for r in rows] == [
         ("4x1x1", 1, "model.remat=full", "two.json"),
-        ("2x2x1", 2, "model.remat=full", "sweep.json"),
-        ("1x4x1", 3, "model.remat=full", "sweep.json"),
+        ("1x4x1", 2, "model.remat=full", "again.json"),  # replaces the sweep's row
+        ("2x2x1", 3, "model.remat=full", "sweep.json"),
         ("4x1x1", None, "as configured", "one.json")]
     md = (tmp_path / "out" / "results.md").read_text()
     assert "mesh (8, 1, 1): no" in md

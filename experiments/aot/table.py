@@ -5,9 +5,10 @@
 results.md: `notes.md` of the output folder (if any) on top, then every compiled plan,
 one row per mesh: the plans of one config, setting and topology together (in the order
 the files first give them), ranked by `sweep.rank_key` across the files (a sweep and
-meshes compiled one by one rank together); the meshes a sweep skipped and why; and the
-provenance of each file (command, commit, machine, jax and libtpu versions; a file whose
-run stopped before its last mesh is marked incomplete).
+meshes compiled one by one rank together; a mesh compiled again in a later file
+replaces the earlier row); the meshes a sweep skipped and why; and the provenance of
+each file (command, commit, machine, jax and libtpu versions; a file whose run stopped
+before its last mesh is marked incomplete).
 """
 from __future__ import annotations
 
@@ -45,12 +46,12 @@ def collect(paths: list[str]) -> tuple[list[dict], list[str], list[dict]]:
                 row = dict(run["row"], setting=setting(prov["command"]),
                            source=os.path.basename(path))
                 groups.setdefault((row["config"], row["setting"], row["topology"]),
-                                  []).append((row, run))
+                                  {})[row["mesh"]] = (row, run)  # a later file replaces
             else:
                 skipped.append(f"{data['config']} on {data['topology']}, mesh "
                                f"{tuple(run['mesh'])}: {run['skipped']}")
     for members in groups.values():
-        ranked = sorted(members, key=lambda member: rank_key(member[1]))
+        ranked = sorted(members.values(), key=lambda member: rank_key(member[1]))
         rows += [dict(row, rank=i + 1 if len(members) > 1 else None)
                  for i, (row, _) in enumerate(ranked)]
     return rows, skipped, sources
