@@ -2,10 +2,10 @@
 difference next to its spread over seeds.
 
     python -m experiments.paired_eval --runs SWITCH_SEED0 SWITCH_SEED1 \
-        --baselines DENSE_SEED0 DENSE_SEED1 [--max_batches 0] [--out DIR]
+        --baselines DENSE_SEED0 DENSE_SEED1 [--max_batches 0] [--step N] [--out DIR]
 
 The i-th run is paired with the i-th baseline (e.g. the same seed). Each run's newest
-checkpoint is scored batch by batch on one pass over its eval split (all of it unless
+checkpoint (or that of --step) is scored batch by batch on one pass over its eval split (all of it unless
 --max_batches); prints and, with --out, writes `paired_eval.md` and `paired_eval.json`:
 per pair the two losses with their standard errors over batches and A − B with the
 standard error of the per-batch differences; over the pairs, the mean difference ± its
@@ -34,6 +34,8 @@ def parse_args(argv):
                         help="run directories (B), one per --runs entry, in the same order")
     parser.add_argument("--max_batches", type=int, default=0,
                         help="eval batches per run (0: one pass over the eval split)")
+    parser.add_argument("--step", type=int, help="checkpoint step scored in every run "
+                        "(default: each run's newest)")
     parser.add_argument("--out", help="directory for paired_eval.md and paired_eval.json")
     args = parser.parse_args(argv)
     if len(args.runs) != len(args.baselines):
@@ -74,7 +76,7 @@ def main(argv=None) -> None:
     scores = {}
     for workdir in args.runs + args.baselines:
         if workdir not in scores:
-            scores[workdir] = eval_batches(workdir, args.max_batches)
+            scores[workdir] = eval_batches(workdir, args.max_batches, args.step)
     pairs = [paired(scores[a], scores[b]) for a, b in zip(args.runs, args.baselines)]
     summary = summarize(pairs)
     text = markdown(pairs, scores, summary)

@@ -19,7 +19,7 @@ from switchjax.train import train_and_evaluate
 
 
 def _train(tmp_path, seed: int) -> str:
-    config = tiny_config(num_train_steps=4, eval_every=4, checkpoint_every=4, eval_steps=1,
+    config = tiny_config(num_train_steps=4, eval_every=4, checkpoint_every=2, eval_steps=1,
                          log_every=4)
     config.seed = seed
     workdir = str(tmp_path / f"seed{seed}")
@@ -75,6 +75,13 @@ def test_paired_eval_of_two_seeds(tmp_path, capsys):
     assert saved["provenance"]["command"].startswith("python -m experiments.paired_eval")
     rows = [r for r in (out / "paired_eval.md").read_text().splitlines() if r[:6] == "| seed"]
     assert len(rows) == 2
+
+    cli.main(["--runs", a, "--baselines", b, "--max_batches", "3", "--step", "2", "--out",
+              str(out)])
+    at_2 = json.loads((out / "paired_eval.json").read_text())["runs"]
+    assert [r["step"] for r in at_2] == [2, 2]
+    assert at_2[0]["losses"] == eval_batches(a, max_batches=3, step=2)["losses"]
+    assert at_2[0]["losses"] != score_a["losses"][:3]
 
 
 def test_paired_eval_cli_errors():
