@@ -74,6 +74,20 @@ def eval_encode(cfg):
     return jax.jit(lambda p, b: model.apply(p, b, method=model.encode)[0])
 
 
+def train_grads(cfg):
+    """(variables, batch, key) -> ((loss, (metrics, stats)), grads): one train step's total
+    loss (dropout and jitter drawn from `key`) and its gradient."""
+    model = make_model(cfg)
+
+    def step(variables, batch, key):
+        def loss_fn(v):
+            logits, stats = model.apply(v, batch, train=True, rngs={"dropout": key})
+            loss, metrics = losses.total_loss(logits, stats, batch, cfg)
+            return loss, (metrics, stats)
+        return jax.value_and_grad(loss_fn, has_aux=True)(variables)
+    return step
+
+
 # ----------------------------------------------------------------------------- masks
 
 def test_attention_mask_hand_computed():
@@ -231,18 +245,9 @@ def test_forward_backward_every_router(family, router):
                       "moe.z_loss_coef": 1e-3, **ROUTERS[router]})
     batch = make_batch(4)
     params = init_params(cfg, batch)
-    model = make_model(cfg)
-
-    @jax.jit
-    def step(params, batch, key):
-        def loss_fn(p):
-            logits, stats = model.apply(p, batch, train=True, rngs={"dropout": key})
-            loss, metrics = losses.total_loss(logits, stats, batch, cfg)
-            return loss, (metrics, stats)
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
     # An RBG key: threefry dropout masks would double the compile time on a CPU.
-    (loss, (metrics, stats)), grads = step(params, batch, jax.random.key(0, impl="unsafe_rbg"))
+    (loss, (metrics, stats)), grads = jax.jit(train_grads(cfg))(
+        params, batch, jax.random.key(0, impl="unsafe_rbg"))
     assert np.isfinite(float(loss))
     leaves = jax.tree_util.tree_leaves_with_path(grads)
     for path, g in leaves:
@@ -273,19 +278,13 @@ def test_remat_keeps_values_and_gradients_and_saves_memory(remat):
     def compiled(remat):
         cfg = make_cfg(**dims, **{"model.remat": remat, "model.dropout_rate": 0.1,
                                   "moe.jitter_noise": 0.01})
-        model = make_model(cfg)
-
-        def step(params, batch, key):
-            def loss_fn(p):
-                logits, stats = model.apply(p, batch, train=True, rngs={"dropout": key})
-                return losses.total_loss(logits, stats, batch, cfg)[0]
-            return jax.value_and_grad(loss_fn)(params)
-        return cfg, jax.jit(step).lower(params, batch, key).compile()
+        return cfg, jax.jit(train_grads(cfg)).lower(params, batch, key).compile()
 
     (_, plain), (cfg_remat, rematted) = compiled("none"), compiled(remat)
     assert jax.tree.map(jnp.shape, param_shapes(cfg_remat, batch)) == \
         jax.tree.map(jnp.shape, params["params"])
-    (loss, grads), (loss_r, grads_r) = plain(params, batch, key), rematted(params, batch, key)
+    ((loss, _), grads), ((loss_r, _), grads_r) = (plain(params, batch, key),
+                                                  rematted(params, batch, key))
     np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  grads_r, grads)
@@ -324,18 +323,10 @@ def test_moe_layer_placement(spec, want):
 def _train_step_compile_seconds(num_experts):
     cfg = make_cfg(**{"model.family": "decoder_only", "model.num_decoder_layers": 2,
                       "moe.num_experts": num_experts, "moe.router": "top1"})
-    model = make_model(cfg)
     batch = make_batch(6, length=32)
     params = jax.eval_shape(lambda: init_params(cfg, batch))
-
-    def step(params, batch):
-        def loss_fn(p):
-            logits, stats = model.apply(p, batch, train=True, rngs={"dropout": jax.random.key(0)})
-            return losses.total_loss(logits, stats, batch, cfg)[0]
-        return jax.value_and_grad(loss_fn)(params)
-
     wall, cpu = time.perf_counter(), time.process_time()
-    jax.jit(step).lower(params, batch).compile()
+    jax.jit(train_grads(cfg)).lower(params, batch, jax.random.key(0)).compile()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
