@@ -43,7 +43,10 @@ def test_smoke_run_writes_results(tmp_path):
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert set(saved) >= {"machine", "args", "layer", "model", "scaling", "expert_parallel",
-                          "targets", "peak_rss_bytes"}
+                          "capacity", "targets", "peak_rss_bytes"}
+    assert [r["capacity_factor"] for r in saved["capacity"]] == [1.0, 1.25, 2.0]
+    assert saved["capacity"][0]["ratio_to_cf1"] == 1.0
+    assert all(r["ratio_to_dense"] > 0 for r in saved["capacity"])
     assert saved["machine"]["num_devices"] == 1
     assert {r["dispatch"] for r in saved["layer"]} == {"einsum", "gather", "ragged",
                                                        "experts alone"}

@@ -1,6 +1,6 @@
 """Speed as ratios, in one process: MoE layer vs FLOP-matched dense FFN per dispatch path,
 Switch vs FLOP-matched dense models, scaling in experts and tokens, expert-parallel
-overhead and memory. Writes results.md, results.json and scaling.png into --out. On a
+overhead and memory, the reproduction recipe's train step per capacity factor. Writes results.md, results.json and scaling.png into --out. On a
 CPU host with fewer than 8 devices the expert-parallel section runs in a child process
 on 8 simulated host devices; everything else runs on the process's own devices.
 

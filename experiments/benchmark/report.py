@@ -215,6 +215,20 @@ def expert_parallel_markdown(rows: list) -> list:
                     "the cost of the extra work and copies, not of a real interconnect.", ""]
 
 
+def capacity_markdown(rows: list) -> list:
+    lines = ["The Switch model of configs/repro_base.py (`encdec()`) at each training capacity "
+             "factor and its FLOP-matched dense model, one train step (AdamW) on a batch of "
+             "the recipe's shape; ratios are medians of per-round ratios.", "",
+             "| capacity factor | capacity (group) | Switch step ms | dense step ms "
+             "| Switch / dense | / CF 1.0 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cap = f"{r['capacity']} ({r['group_size']})" if r["capacity"] else "per sequence"
+        lines.append(f"| {r['capacity_factor']} | {cap} | {1e3 * r['step_s']:.0f} | "
+                     f"{1e3 * r['dense_step_s']:.0f} | **{r['ratio_to_dense']:.3f}** | "
+                     f"{r['ratio_to_cf1']:.3f} |")
+    return lines + [""]
+
+
 def memory_markdown(results: dict, number: int) -> list:
     return [f"## {number}. Memory", "",
             f"Peak host RSS of the whole run: {_mib(results['peak_rss_bytes'])} MiB. Per "

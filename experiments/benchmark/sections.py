@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Callable
 
 from experiments.benchmark import report
+from experiments.benchmark.capacity import bench_capacity
 from experiments.benchmark.expert_parallel import bench_expert_parallel
 from experiments.benchmark.layer import bench_layer
 from experiments.benchmark.model import bench_model
@@ -39,4 +40,7 @@ SECTIONS = (
     Section("ep", "expert_parallel",
             "Expert parallelism on 8 simulated devices (decoder-only train step)",
             bench_expert_parallel, report.expert_parallel_markdown),
+    Section("capacity", "capacity",
+            "Capacity factor: the reproduction recipe's train step (paper Table 1)",
+            bench_capacity, report.capacity_markdown),
 )
