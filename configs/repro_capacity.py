@@ -5,9 +5,10 @@
 
 The 8-expert encoder-decoder of configs/repro_base.py trained at capacity factor 1.0,
 1.25 and 2.0 (evaluated at 2.0), and at 1.25 without the load-balancing loss (α = 0);
-3 seeds. Quality and dropped fraction come from the runs; the step time of each
-capacity factor from the benchmark's layer section (results/benchmark). With the same
---workdir as configs/repro_sparse_vs_dense.py the CF 1.25 runs are shared.
+3 seeds. Quality and dropped fraction come from the runs; the train-step time of each
+capacity factor against the dense model's from `python -m experiments.benchmark --sections
+capacity` (results/repro_capacity/step_time). With the same --workdir as
+configs/repro_sparse_vs_dense.py the CF 1.25 runs are shared.
 
 Runtime on the 2-core CPU: ~10 min per run, 12 runs (9 new).
 Measured: see results/repro_capacity/results.md.
