@@ -742,7 +742,7 @@ CASES = [
     Case("command line", "`benchmark --sections bogus`",
          argv=("experiments.benchmark", "--out", "{tmp}/bench", "--sections", "bogus"),
          message=("error: --sections='bogus': unknown sections ['bogus']. Fix: use a "
-                  "comma-separated subset of layer,model,scaling,ep.")),
+                  "comma-separated subset of layer,model,scaling,ep,capacity.")),
 ]
 
 
