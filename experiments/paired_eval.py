@@ -5,11 +5,11 @@ difference next to its spread over seeds.
         --baselines DENSE_SEED0 DENSE_SEED1 [--max_batches 0] [--step N] [--out DIR]
 
 The i-th run is paired with the i-th baseline (e.g. the same seed). Each run's newest
-checkpoint (or that of --step) is scored batch by batch on one pass over its eval split (all of it unless
---max_batches); prints and, with --out, writes `paired_eval.md` and `paired_eval.json`:
-per pair the two losses with their standard errors over batches and A − B with the
-standard error of the per-batch differences; over the pairs, the mean difference ± its
-standard deviation (the seed spread) next to the mean eval standard error.
+checkpoint (or that of --step) is scored batch by batch on one pass over its eval split
+(all of it unless --max_batches); prints and, with --out, writes `paired_eval.md` and
+`paired_eval.json`: per pair the two losses with their standard errors over batches and
+A − B with the standard error of the per-batch differences; over the pairs, the mean
+difference ± its standard deviation (the seed spread) next to the mean eval standard error.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Speed as ratios, in one process: MoE layer vs FLOP-matched dense FFN per dispatch path,
 Switch vs FLOP-matched dense models, scaling in experts and tokens, expert-parallel
-overhead and memory, the reproduction recipe's train step per capacity factor. Writes results.md, results.json and scaling.png into --out. On a
-CPU host with fewer than 8 devices the expert-parallel section runs in a child process
-on 8 simulated host devices; everything else runs on the process's own devices.
+overhead and memory, the reproduction recipe's train step per capacity factor. Writes
+results.md, results.json and scaling.png into --out. On a CPU host with fewer than 8
+devices the expert-parallel section runs in a child process on 8 simulated host devices;
+everything else runs on the process's own devices.
 
     python -m experiments.benchmark --out /tmp/bench            # 6-7 min on a 2-core CPU
     python -m experiments.benchmark --out /tmp/bench --smoke    # tiny sizes, 1 rep: ~2 min
