@@ -78,5 +78,5 @@ def test_smoke_run_writes_results(tmp_path):
     assert "floor: the experts alone" in saved["targets"]["layer_dropless"]["note"]
     text = open(os.path.join(out, "results.md")).read()
     for heading in ("1. MoE layer", "2. Whole-model", "3. Scaling", "4. Expert parallelism",
-                    "5. Memory"):
+                    "5. Capacity factor", "6. Memory"):
         assert heading in text

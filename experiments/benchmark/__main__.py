@@ -6,7 +6,7 @@ devices the expert-parallel section runs in a child process on 8 simulated host 
 everything else runs on the process's own devices.
 
     python -m experiments.benchmark --out /tmp/bench            # 6-7 min on a 2-core CPU
-    python -m experiments.benchmark --out /tmp/bench --smoke    # tiny sizes, 1 rep: ~2 min
+    python -m experiments.benchmark --out /tmp/bench --smoke    # tiny sizes, 1 rep: ~3.5 min
     python -m experiments.benchmark --out /tmp/bench --sections layer,model --reps 9
 
 Every number is measured after compilation and warm-up; times are medians over --reps
