@@ -17,6 +17,8 @@ more capacity, quality differences within noise at this scale.
 """
 from configs import common, cpu_base
 
+SEEDS = (0, 1)
+
 
 def get_config(arg=None):
     return cpu_base.cpu_config(**common.parse_arg(arg, smoke=False).to_dict())

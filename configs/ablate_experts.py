@@ -16,6 +16,8 @@ worse beyond, where each expert sees few tokens in so short a run.
 """
 from configs import common, cpu_base
 
+SEEDS = (0, 1)
+
 
 def get_config(arg=None):
     return cpu_base.cpu_config(**common.parse_arg(arg, smoke=False).to_dict())

@@ -16,6 +16,8 @@ paper's stability benefit of 0.1 (Table 3, 223M-parameter models) does not show 
 """
 from configs import common, cpu_base
 
+SEEDS = (0, 1)
+
 
 def get_config(arg=None):
     return cpu_base.cpu_config(**common.parse_arg(arg, smoke=False).to_dict())

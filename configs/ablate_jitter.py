@@ -14,6 +14,8 @@ vs 12.4%: no measurable difference at this scale.
 """
 from configs import common, cpu_base
 
+SEEDS = (0, 1)
+
 
 def get_config(arg=None):
     return cpu_base.cpu_config(**common.parse_arg(arg, smoke=False).to_dict())

@@ -17,6 +17,8 @@ router is not yet unstable; the paper's divergence appears at scale.
 """
 from configs import common, cpu_base
 
+SEEDS = (0, 1)
+
 
 def get_config(arg=None):
     args = common.parse_arg(arg, smoke=False).to_dict()

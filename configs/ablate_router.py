@@ -22,6 +22,8 @@ accuracy 0.313 / 0.313 / 0.315 / 0.315); train dropped 5.5% (top-1), 0.01% (top-
 """
 from configs import common, cpu_base
 
+SEEDS = (0, 1)
+
 
 def get_config(arg=None):
     args = common.parse_arg(arg, smoke=False).to_dict()

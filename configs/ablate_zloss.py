@@ -17,6 +17,8 @@ numbers.)
 """
 from configs import common, cpu_base
 
+SEEDS = (0, 1)
+
 
 def get_config(arg=None):
     return cpu_base.cpu_config(**common.parse_arg(arg, smoke=False).to_dict())
