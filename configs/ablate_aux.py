@@ -26,4 +26,5 @@ def get_config(arg=None):
 
 
 def sweep():
-    return [{"moe.aux_loss_coef": c} for c in (0.0, 1e-3, 1e-2, 1e-1)]
+    """The base is alpha = 1e-2."""
+    return [{}] + [{"moe.aux_loss_coef": c} for c in (0.0, 1e-3, 1e-1)]

@@ -22,4 +22,5 @@ def get_config(arg=None):
 
 
 def sweep():
-    return [{"moe.jitter_noise": 0.0}, {"moe.jitter_noise": 1e-2}]
+    """The base has eps = 1e-2."""
+    return [{}, {"moe.jitter_noise": 0.0}]
