@@ -6,14 +6,16 @@ Train capacity factor 1.0, 1.25, 2.0 (eval 2.0), and 1.0 evaluated at 1.0.
 Higher capacity drops fewer tokens (dropped fraction column) at more expert
 FLOPs; the paper finds the quality gain small beyond 1.25.
 
-Runtime: 4 variants x ~2 min on a quiet 2-core CPU (each is the cpu_default
-run: 600 steps, measured 1 min 56 s), ~2.5x more on a busy one; `:smoke`
-runs 30 tiny steps per variant (~15-20 s each).
+Runtime: 4 variants x 2 seeds x ~2.3 min on a quiet 2-core CPU (600 steps each; the
+base's two runs are shared with the other sweeps on the CPU base when they share a
+--workdir); `:smoke` runs 30 tiny steps per run.
 
-Measured with the same variants shortened to 300 steps (colab/capacity_and_experts.ipynb,
-shared 2-core CPU): train CF 1.0 / 1.25 / 2.0: train dropped 16.8% / 12.6% / 1.8%, eval
-dropped (eval CF 2.0) 1.4% / 1.3% / 1.7%, eval loss 4.712 / 4.711 / 4.705: fewer drops with
-more capacity, quality differences within noise at this scale.
+Measured (2 seeds, results/ablate_capacity/): train CF 1.0 / 1.25 (base) / 2.0: train
+dropped 15.8% / 12.2% / 1.6%, eval dropped (eval CF 2.0) 0.8% / 0.8% / 1.1%; eval loss
+minus the base's (same seed) -0.0008 ± 0.0009 / 0 / -0.0032 ± 0.0025; CF 1.0 evaluated at
+1.0 drops 16.4% in eval, +0.0019 ± 0.0031. Fewer drops with more capacity; the quality
+differences are within the paired spread at this scale (the reproduction recipe's
+capacity sweep is configs/repro_capacity.py).
 """
 from configs import common, cpu_base
 
