@@ -9,16 +9,15 @@ GShard-style top-2 (2x expert FLOPs), expert choice (capacity factor 1.25:
 1.25 experts per token on average), dropless top-1 (ragged dispatch, no
 capacity).
 
-Runtime: 4 variants x ~2 min on a quiet 2-core CPU (each is the cpu_default
-run: 600 steps, measured 1 min 56 s), ~2.5x more on a busy one; `:smoke`
-runs 30 tiny steps per variant (~15-20 s each).
+Runtime: 4 variants x 2 seeds x ~2.5 min on a quiet 2-core CPU (600 steps each); `:smoke`
+runs 30 tiny steps per run.
 
 Expected (paper and GShard): top-2 and dropless a little better than top-1 per step,
-expert choice competitive. Measured (this sweep, 600 steps each, 2-core CPU, 9 min in
-all): eval loss top-1 4.405, top-2 4.408, expert choice 4.406, dropless 4.405 (eval
-accuracy 0.313 / 0.313 / 0.315 / 0.315); train dropped 5.5% (top-1), 0.01% (top-2),
-13.9% of tokens unchosen (expert choice; 15.7% in eval, at the same capacity factor),
-0 (dropless): at this scale the routers are indistinguishable within noise.
+expert choice competitive. Measured (2 seeds, results/ablate_router/): eval loss minus
+top-1's (same seed): top-2 +0.0007 ± 0.0019, expert choice +0.0004 ± 0.0026, dropless
+-0.0007 ± 0.0012; train dropped 5.8% (top-1), 0.01% (top-2), 14.7% of tokens unchosen
+(expert choice; 15.4% in eval, at the same capacity factor), 0 (dropless): at this scale
+the routers are indistinguishable within the paired spread.
 """
 from configs import common, cpu_base
 
