@@ -29,7 +29,8 @@ def test_two_variant_two_seed_sweep_writes_report_and_skips_finished(tmp_path):
     result = _sweep_cli(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     variants = ["base", "moe.jitter_noise=0.0"]
-    names = [f"{v},seed={s}" for s in (0, 1) for v in variants]  # seed-major
+    names = [report.variant_name({**o, "seed": s})  # seed-major; the base's is "seed=s"
+             for s in (0, 1) for o in ({}, {"moe.jitter_noise": 0.0})]
     for name in names:
         assert os.path.exists(os.path.join(workdir, name, "DONE"))
     running = [ln.split()[1].rstrip(":") for ln in result.stdout.splitlines()
