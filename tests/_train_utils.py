@@ -1,10 +1,8 @@
 """Shared by the training tests: a tiny config on a small embedded corpus, subprocess runs.
 
-One data_dir and one JAX persistent compilation cache per test session (the
-training tests compile the same tiny programs many times, in this process and
-in subprocesses; the cache, which keeps every program however fast it compiled,
-turns the repeats into hits). `reference_run(config)` trains a config once per
-session, for the tests that compare an interrupted run with an uninterrupted one.
+One data_dir per test session (the compilation cache is conftest.py's).
+`reference_run(config)` trains a config once per session, for the tests that compare
+an interrupted run with an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -26,9 +24,6 @@ import jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SESSION = tempfile.mkdtemp(prefix="switchjax_test_train_")
 atexit.register(shutil.rmtree, _SESSION, ignore_errors=True)
-CACHE_DIR = os.path.join(_SESSION, "jax_cache")
-jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 DATA_FILES = [os.path.join(STDLIB, "json", "*.py"), os.path.join(STDLIB, "email", "*.py")]
@@ -83,12 +78,11 @@ def cli_args(config) -> list[str]:
 
 
 def env() -> dict:
-    """Environment for subprocesses: same 8 host devices and compilation cache as here."""
+    """Environment for subprocesses: same 8 host devices (and, inherited, compilation
+    cache) as here."""
     e = dict(os.environ)
     e["XLA_FLAGS"] = (e.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     e["JAX_PLATFORMS"] = "cpu"
-    e["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
-    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     e["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as conftest.py sets in-process
     e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
     return e

@@ -164,7 +164,7 @@ def layer_runner(module, x, dy, aux_coef):
     does not need y, and XLA would drop a dense layer's last matmul (1/9 of its FLOPs;
     a MoE layer needs y for its gate gradients either way).
     """
-    params = module.init(jax.random.key(0), x, train=True)["params"]
+    params = init_params(module, x)
     return grad_runner(lambda p, x: module.apply({"params": p}, x, train=True), params, x, dy,
                        aux_coef)
 
@@ -182,6 +182,13 @@ def grad_runner(apply, params, x, dy, aux_coef):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
     compiled, secs = compile_timed(grad, params, x)
     return Runner(compiled, (params, x)), secs, memory_of(compiled)
+
+
+def init_params(module, x):
+    """A layer's parameters for input `x`, initialised in one compiled call (run op by op,
+    every initializer would be dispatched, and compiled, on its own)."""
+    return nn.meta.unbox(jax.jit(lambda r, x: module.init(r, x, train=True))(
+        jax.random.key(0), x)["params"])
 
 
 def init_state(config, batch):

@@ -2,12 +2,12 @@
 every dispatch and capacity factor, and the stacked experts alone (no router)."""
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-from experiments.benchmark.common import (TARGET_REPS, fault_mib, grad_runner, interleaved,
-                                          layer_runner, make_config, median_ratio, rss)
+from experiments.benchmark.common import (TARGET_REPS, fault_mib, grad_runner, init_params,
+                                          interleaved, layer_runner, make_config,
+                                          median_ratio, rss)
 from switchjax import flops, kernels
 from switchjax.config import ModelConfig
 from switchjax.layers import Mlp, ffn
@@ -70,7 +70,7 @@ def bench_experts_alone(args, size, x, dy, dense_runner) -> dict:
     balanced load, nothing dropped)."""
     cfg = ModelConfig.from_config(make_config(args, size))
     dense, _, dense_mem = dense_runner
-    params = nn.meta.unbox(MoeLayer(cfg).init(jax.random.key(0), x, train=True)["params"])
+    params = init_params(MoeLayer(cfg), x)
     params.pop("router")
     E, (B, L, D) = cfg.moe.num_experts, x.shape
 
