@@ -2,7 +2,8 @@
 compilation cache for the whole test run, shared through the environment by the xdist
 workers and every subprocess and notebook kernel they start (the tests compile the same
 tiny programs many times; the cache, which keeps every program however fast it compiled,
-turns the repeats into hits)."""
+turns the repeats into hits; an entry read while another process still writes it does not
+decompress, and JAX warns and compiles it again)."""
 import atexit
 import os
 import shutil
