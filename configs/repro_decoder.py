@@ -13,8 +13,9 @@ token's second choice, a leak of the future in a causal LM. Learning rate:
 a grid for top-1 and its dense model (seed 0), the best rate then for all four; 3 seeds.
 The grid is the encoder-decoder sweep's best rate for both of its models (0.04,
 configs/repro_sparse_vs_dense.py, an interior optimum of 0.005-0.08) and its two
-neighbours; `BEST` is that rate until this grid has run. Order: `--seeds 0` first (the four models and the grid at seed 0), then set
-`BEST` from the grid and run the default seeds (the seed-0 runs are reused).
+neighbours; `BEST` is that rate until this grid has run. Order: `--seeds 0` first (the
+four models and the grid at seed 0), then set `BEST` from the grid and run the default
+seeds (the seed-0 runs are reused).
 
 Runtime on the 2-core CPU (quiet, tokens/s measured over the first 200-350 steps): dense
 4.8k, top-1 4.3k, top-2 dropless 3.6k, so 35-47 min per run of 10.2M tokens; 16 runs,

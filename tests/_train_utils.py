@@ -78,8 +78,8 @@ def cli_args(config) -> list[str]:
 
 
 def env() -> dict:
-    """Environment for subprocesses: same 8 host devices (and, inherited, compilation
-    cache) as here."""
+    """Environment for subprocesses: the same 8 host devices as here (and, in os.environ,
+    conftest.py's compilation cache)."""
     e = dict(os.environ)
     e["XLA_FLAGS"] = (e.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     e["JAX_PLATFORMS"] = "cpu"
