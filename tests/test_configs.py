@@ -23,7 +23,7 @@ ARGS = {
                                               "precision", "init", "jitter", "shared",
                                               "balance", "sigmoid", "ntlb", "finegrained")},
     **{f"repro_{n}": ["", "smoke"] for n in ("sparse_vs_dense", "experts", "capacity",
-                                             "decoder")},
+                                             "decoder", "bound")},
 }
 PAPER_FULL = {("t5_base", ""), ("switch_base", ""), ("switch_base", "large"),
               ("switch_base", "c"), ("switch_base", "finetune"), ("st_moe", ""),
